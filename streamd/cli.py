@@ -1,0 +1,255 @@
+"""`streamd` subcommands. Thin: parse, build the config (validated before anything starts), call the room that works."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from streamd.config import ConfigError, StreamdConfig, dump_config, load_config
+
+log = logging.getLogger("streamd")
+
+# Flags shared by the commands that take a config: flag -> dotted config field.
+COMMON_FLAGS = {
+    "--bootstrap": ("kafka.bootstrap_servers", str, "Kafka bootstrap servers, HOST:PORT[,HOST:PORT]"),
+    "--topic": ("kafka.topic", str, "activation topic"),
+    "--metrics-port": ("metrics.port", int, "port of /metrics, /healthz, /readyz, /checkpoints"),
+}
+PRODUCE_FLAGS = {
+    "--model": ("producer.model_path", str, "HF model directory or .gguf file (default: shipped SmolLM2-135M)"),
+    "--dtype": ("producer.dtype", str, "float32 | bfloat16 | float16"),
+    "--producer-id": ("producer.producer_id", str, "id carried by every message (default: HOST-PID)"),
+    "--max-tokens": ("producer.max_tokens", int, "stop after publishing this many tokens"),
+}
+TRAIN_FLAGS = {
+    "--run-dir": ("trainer.run_dir", str, "run directory (checkpoints, metrics history, lock)"),
+    "--group": ("trainer.group_id", str, "Kafka consumer group of this run"),
+    "--max-tokens": ("trainer.max_tokens", int, "stop after training on this many tokens (enables lr decay)"),
+    "--site-id": ("trainer.site_id", str, "hex site id to accept (default: computed from model + site)"),
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser, *flag_sets: dict) -> None:
+    p.add_argument("--config", "-c", type=Path, help="YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field (repeatable); values are YAML")
+    seen = set()
+    for flags in (COMMON_FLAGS, *flag_sets):
+        for flag, (field, typ, help_) in flags.items():
+            if flag not in seen:
+                p.add_argument(flag, dest=field, type=typ, help=help_)
+                seen.add(flag)
+
+
+def _config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> StreamdConfig:
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    return load_config(args.config, overrides, args.set, defaults=defaults)
+
+
+def _on_signals(stop) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
+
+
+def cmd_config_show(args) -> int:
+    print(dump_config(_config(args)), end="")
+    return 0
+
+
+def cmd_broker(args) -> int:
+    from streamd.broker import run_broker
+
+    cfg = _config(args)
+    run_broker(cfg.kafka, port=args.port, topic=cfg.kafka.topic, partitions=cfg.kafka.partitions)
+    return 0
+
+
+def cmd_produce(args) -> int:
+    from streamd.producer import ActivationProducer
+
+    cfg = _config(args)
+    prod = ActivationProducer(cfg)
+    _on_signals(prod.stop)
+    server = _producer_server(cfg, prod)
+    try:
+        n = prod.run()
+    finally:
+        if server:
+            server.stop()
+    log.info("published %d tokens in %d messages", n, prod.seq)
+    return 0
+
+
+def _producer_server(cfg: StreamdConfig, prod):
+    if not cfg.producer.metrics_port:
+        return None
+    from streamd.serve import StatusServer
+
+    server = StatusServer(cfg.metrics.host, cfg.producer.metrics_port, prod.metrics.registry, None,
+                          lambda: (True, "producing"))
+    server.start()
+    log.info("producer metrics at %s/metrics", server.url)
+    return server
+
+
+def cmd_train(args) -> int:
+    from streamd.trainer import Trainer
+
+    cfg = _config(args)
+    trainer = Trainer(cfg, activation_file=args.source, loop_file=args.loop,
+                      on_progress=lambda p: print(p.line(), flush=True))
+    _on_signals(trainer.stop)
+    print(f"metrics: {trainer.server.url}/metrics  checkpoints: {cfg.trainer.run_dir / 'checkpoints'}", flush=True)
+    trainer.run()
+    return 0
+
+
+def cmd_up(args) -> int:
+    from streamd.up import run_up
+
+    cfg = _config(args, defaults=UP_DEFAULTS)
+    return run_up(cfg)
+
+
+# The one-machine default: a small buffer so training starts within a minute or two, cadences to match.
+UP_DEFAULTS: dict[str, Any] = {
+    "trainer.buffer_tokens": 65536,
+    "trainer.batch_size": 2048,
+    "trainer.warmup_tokens": 200_000,
+    "trainer.dead_window_tokens": 2_000_000,
+    "trainer.eval_every_tokens": 200_000,
+    "trainer.torch_threads": 1,
+    "producer.torch_threads": 1,
+    "producer.dtype": "bfloat16",
+    "producer.source.loop": True,
+    "checkpoints.every_tokens": 500_000,
+    "checkpoints.every_seconds": 300.0,
+    "trainer.run_dir": "runs/up",
+}
+
+
+def cmd_pull(args) -> int:
+    from streamd.pull import pull
+
+    path = pull(args.url, args.out, sae=args.sae, token=args.token, cafile=args.cafile)
+    print(path)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from streamd.report import status
+
+    print(status(args.url))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from streamd.report import write_report
+
+    for path in write_report(args.run_dir, args.out or args.run_dir / "report"):
+        print(path)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from streamd.evaluate import eval_checkpoint
+
+    cfg = _config(args)
+    for name, r in eval_checkpoint(cfg, args.checkpoint, n_docs=args.docs).items():
+        print(name, " ".join(f"{k}={v:.4f}" for k, v in r.items()))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from streamd.replay import replay
+
+    cfg = _config(args)
+    n = replay(cfg.kafka, args.path, topic=args.topic or cfg.kafka.topic, site_id=int(args.site_id, 16),
+               producer_id=args.producer_id, max_message_bytes=cfg.producer.max_message_bytes)
+    print(f"published {n} tokens from {args.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="streamd", description=__doc__)
+    ap.add_argument("--log-level", default="INFO")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the effective config (file + env + flags)")
+    _add_config_args(show, PRODUCE_FLAGS, TRAIN_FLAGS)
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("broker", help="run the local Tansu Kafka broker on 127.0.0.1")
+    _add_config_args(p)
+    p.add_argument("--port", type=int, default=9092, help="0 picks a free port")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("produce", help="publish activations of a frozen model to Kafka")
+    _add_config_args(p, PRODUCE_FLAGS)
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("train", help="train SAEs from the activation topic (or cached files)")
+    _add_config_args(p, TRAIN_FLAGS)
+    p.add_argument("--source", type=Path, help="train from a .npy/.safetensors file instead of Kafka")
+    p.add_argument("--loop", action="store_true", help="with --source: loop over the file")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("up", help="broker + producer + trainer on this machine (the embedded default)")
+    _add_config_args(p)
+    p.add_argument("--max-tokens", dest="trainer.max_tokens", type=int,
+                   help="stop after training this many tokens, with a final export")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("pull", help="download the latest checkpoint from a running trainer")
+    p.add_argument("url")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sae", help="only this SAE")
+    p.add_argument("--token", help="bearer token of /checkpoints")
+    p.add_argument("--cafile", type=Path, help="CA bundle for a TLS server")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("status", help="live state of a trainer, from its /metrics")
+    p.add_argument("url")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="PNG plots of a run's metrics history")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("eval", help="CE loss recovered and KL of a checkpoint's SAEs, spliced into the model")
+    _add_config_args(p, PRODUCE_FLAGS)
+    p.add_argument("checkpoint", help="checkpoint dir, run dir or URL")
+    p.add_argument("--docs", type=int, default=64, help="held-out documents to evaluate on")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("replay", help="publish a cached activation file (.npy/.safetensors) in the wire format")
+    _add_config_args(p)
+    p.add_argument("path", type=Path)
+    p.add_argument("--site-id", required=True, help="hex site id the trainer expects")
+    p.add_argument("--producer-id", default="replay")
+    p.set_defaults(func=cmd_replay)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"streamd: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"streamd: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

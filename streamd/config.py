@@ -1,0 +1,312 @@
+"""Typed configuration for every streamd component.
+
+One YAML file, then environment overrides (``STREAMD_<SECTION>__<FIELD>``), then CLI flags; validated once at the
+edge so a bad field stops the process before anything starts, with the field's path and the allowed values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+Site = Literal["resid_post", "mlp_out", "attn_out"]
+ModelDType = Literal["float32", "bfloat16", "float16"]
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaSecurity(Strict):
+    """Passed through to kafka-python (SASL / TLS); see ``streamd.kafka.client_kwargs``."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSecurity:
+        if self.protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(f"security.protocol={self.protocol} needs security.sasl_mechanism")
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and not (
+            self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(f"sasl_mechanism={self.sasl_mechanism} needs sasl_username and sasl_password")
+        return self
+
+
+class KafkaConfig(Strict):
+    bootstrap_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:9092"], min_length=1)
+    topic: str = Field("streamd.activations", pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    partitions: int = Field(4, ge=1, le=1024, description="used when streamd creates the topic")
+    replication_factor: int = Field(1, ge=1)
+    session_timeout_ms: int = Field(6000, ge=1000, description="group join takes about half of this")
+    request_timeout_ms: int = Field(30000, ge=1000)
+    security: KafkaSecurity = Field(default_factory=KafkaSecurity)
+
+    @field_validator("bootstrap_servers", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port(cls, v: list[str]) -> list[str]:
+        for s in v:
+            host, _, port = s.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"bootstrap server {s!r} is not HOST:PORT")
+        return v
+
+
+class SiteSpec(Strict):
+    """Where activations are captured: ``site`` of block ``layer`` (0-based; resid_post of L = output of block L)."""
+
+    site: Site = "resid_post"
+    layer: int = Field(15, ge=0)
+    topic: str | None = Field(None, description="topic for this site; default: kafka.topic")
+
+    @property
+    def hook_name(self) -> str:
+        """The TransformerLens / SAELens hook name of this site."""
+        return f"blocks.{self.layer}.hook_{self.site}"
+
+
+class SourceConfig(Strict):
+    kind: Literal["corpus", "files", "stdin", "kafka"] = "corpus"
+    corpus: Literal["kjv", "fortunes", "pydoc"] = "kjv"
+    paths: list[str] = Field(default_factory=list, description="files or globs (.txt, .jsonl) for kind=files")
+    text_field: str = "text"
+    topic: str | None = Field(None, description="Kafka topic of UTF-8 text for kind=kafka")
+    loop: bool = Field(False, description="restart the source when it ends instead of stopping")
+
+    @model_validator(mode="after")
+    def _needs(self) -> SourceConfig:
+        if self.kind == "files" and not self.paths:
+            raise ValueError("source.kind=files needs source.paths")
+        if self.kind == "kafka" and not self.topic:
+            raise ValueError("source.kind=kafka needs source.topic")
+        return self
+
+
+class ProducerConfig(Strict):
+    model_path: str | None = Field(None, description="HF directory or .gguf file; None = shipped SmolLM2-135M")
+    dtype: ModelDType = "float32"
+    wire_dtype: ModelDType = "float16"
+    sites: list[SiteSpec] = Field(default_factory=lambda: [SiteSpec()], min_length=1)
+    context_length: int = Field(128, ge=2, le=32768)
+    batch_size: int = Field(8, ge=1)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    producer_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", max_length=255)
+    max_message_bytes: int = Field(1_000_000, ge=4096, le=128 * 2**20)
+    queue_max_messages: int = Field(64, ge=1, description="bounded send queue; the model waits when full")
+    include_token_ids: bool = True
+    torch_threads: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    device: str = "cpu"
+    metrics_port: int = Field(9401, ge=0, le=65535)
+
+
+class SAEConfig(Strict):
+    """One SAE of a run; several may train on the same batches (a sweep)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    architecture: Architecture = "topk"
+    expansion_factor: int = Field(8, ge=1)
+    d_sae: int | None = Field(None, ge=1, description="overrides expansion_factor")
+    k: int = Field(32, ge=1, description="topk / batchtopk")
+    l1_coefficient: float = Field(5.0, ge=0, description="relu: sparsity weight (after warm-up)")
+    l0_coefficient: float = Field(1e-3, ge=0, description="jumprelu: L0 weight")
+    jumprelu_bandwidth: float = Field(1e-3, gt=0)
+    jumprelu_init_threshold: float = Field(1e-3, gt=0)
+    aux_k: int | None = Field(None, ge=1, description="topk: dead latents used by AuxK; default d_in // 2")
+    aux_coefficient: float = Field(1 / 32, ge=0)
+    lr: float | None = Field(None, gt=0, description="default: 2e-4 / sqrt(d_sae / 16384) (topk), 5e-5 (relu)")
+    seed: int = 0
+    grad_clip: float = Field(1.0, gt=0)
+
+    def width(self, d_in: int) -> int:
+        return self.d_sae or self.expansion_factor * d_in
+
+
+class TrainerConfig(Strict):
+    group_id: str = Field("streamd-trainer", min_length=1)
+    site: SiteSpec = Field(default_factory=SiteSpec)
+    site_id: str | None = Field(None, description="hex site id to accept; default: computed from model + site")
+    model_path: str | None = Field(None, description="model whose site_id to expect; None = shipped default")
+    d_in: int | None = Field(None, ge=1, description="expected d_model; default: from the first message")
+    buffer_tokens: int = Field(2**20, ge=64)
+    buffer_dtype: ModelDType = "float32"
+    max_token_age_buffers: float = Field(
+        8.0, ge=1, description="a token older than this many buffer-fulls is trained next (bounds re-reads)"
+    )
+    batch_size: int = Field(4096, ge=1)
+    device: str = "auto"
+    autocast_bf16: bool = False
+    saes: list[SAEConfig] = Field(default_factory=lambda: [SAEConfig(name="topk-k32")], min_length=1)
+    warmup_tokens: int = Field(1_000_000, ge=0, description="lr and sparsity-penalty warm-up")
+    max_tokens: int | None = Field(None, ge=1, description="stop after this many; enables lr decay")
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="last fraction of max_tokens with linear lr decay")
+    norm_estimate_tokens: int = Field(32768, ge=1)
+    dead_window_tokens: int = Field(10_000_000, ge=1)
+    dense_threshold: float = Field(0.1, gt=0, le=1)
+    density_window_tokens: int = Field(1_000_000, ge=1)
+    eval_every_tokens: int = Field(1_000_000, ge=1)
+    eval_tokens: int = Field(8192, ge=0, description="held-out activations kept from the first messages")
+    run_dir: Path = Path("runs/default")
+    torch_threads: int | None = Field(None, ge=1)
+    history_max_bytes: int = Field(50_000_000, ge=10_000)
+    trace_file: Path | None = Field(None, description="debug: append the origin of every trained token (JSONL)")
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> TrainerConfig:
+        names = [s.name for s in self.saes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"trainer.saes names must be unique, got {names}")
+        if self.batch_size > self.buffer_tokens:
+            raise ValueError(f"trainer.batch_size ({self.batch_size}) exceeds buffer_tokens ({self.buffer_tokens})")
+        return self
+
+
+class MetricsConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(9400, ge=0, le=65535)
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    checkpoint_token: SecretStr | None = Field(None, description="bearer token required on /checkpoints")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> MetricsConfig:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("metrics.tls_certfile and metrics.tls_keyfile go together")
+        return self
+
+
+class CheckpointConfig(Strict):
+    every_tokens: int | None = Field(10_000_000, ge=1)
+    every_seconds: float | None = Field(600.0, gt=0)
+    keep_last: int = Field(3, ge=1)
+
+
+class StreamdConfig(BaseSettings):
+    """The whole configuration. Precedence: CLI flags > environment > YAML file > defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMD_", env_nested_delimiter="__", extra="forbid")
+
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    producer: ProducerConfig = Field(default_factory=ProducerConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init holds YAML merged with CLI overrides (see load_config); the environment sits between them.
+        return (init_settings, env_settings)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: which field, what was given, what is allowed."""
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def _parse_value(raw: str) -> Any:
+    """CLI ``--set a.b=V`` values are YAML scalars/lists: ``4``, ``true``, ``[a, b]``, ``{name: x}``."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(config)"
+        given = e.get("input")
+        given_s = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {loc}: {e['msg']}{given_s}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> StreamdConfig:
+    """Build the effective config: ``defaults`` (a command's own, dotted keys), YAML file, env (``STREAMD_...``),
+    then ``overrides`` / ``--set k=v``.
+
+    Environment variables sit below the CLI: pydantic-settings gives init data priority, so the environment is
+    merged under the CLI layer explicitly here.
+    """
+    data: dict[str, Any] = {}
+    for key, value in (defaults or {}).items():
+        _set_path(data, key, value)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = _deep_merge(data, loaded)
+    cli: dict[str, Any] = {}
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        _set_path(cli, key.strip(), _parse_value(raw))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(cli, key, value)
+    try:
+        env_only = StreamdConfig().model_dump(exclude_unset=True)  # environment layer alone
+        merged = _deep_merge(_deep_merge(data, env_only), cli)
+        return StreamdConfig(**merged)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def dump_config(cfg: StreamdConfig) -> str:
+    """The effective config as YAML, secrets masked."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)

@@ -1,0 +1,345 @@
+"""Ingestion: activation chunks from Kafka (a consumer-group thread) or from cached files, behind one interface.
+
+A chunk carries its origin (source key = topic/partition or file, offset) so the trainer can tell, at checkpoint time,
+from where every untrained token can be read again. Messages that fail validation are counted by reason, logged and
+skipped; they never reach the buffer and never stop the thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from kafka import OffsetAndMetadata, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+from streamd import wire
+from streamd.config import KafkaConfig
+from streamd.kafka import make_consumer
+from streamd.metrics import TrainerMetrics
+
+log = logging.getLogger(__name__)
+
+SourceKey = tuple[str, int]  # (topic or file, partition)
+
+
+@dataclass
+class Chunk:
+    acts: torch.Tensor  # [n, d] in the buffer dtype, owned (not a view on Kafka's bytes)
+    key: SourceKey
+    offset: int
+    producer_id: str
+    seq: int
+
+
+class ActivationSource(Protocol):
+    def start(self) -> None: ...
+    def get(self, timeout: float) -> Chunk | None: ...
+    def positions(self) -> dict[SourceKey, int]:
+        """Per source key, the next offset not yet handed out: where to resume when nothing is pending."""
+        ...
+    def queued_offsets(self) -> dict[SourceKey, int]:
+        """Per source key, the lowest offset read but not yet handed out."""
+        ...
+    def commit(self, offsets: dict[SourceKey, int]) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def exhausted(self) -> bool: ...
+
+
+class TokenQueue:
+    """A FIFO bounded in tokens: the reader blocks when the trainer falls behind (memory stays bounded)."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.tokens = 0
+        self._q: collections.deque[Chunk] = collections.deque()
+        self._cv = threading.Condition()
+
+    def put(self, chunk: Chunk, stop: threading.Event) -> bool:
+        with self._cv:
+            while self.tokens > 0 and self.tokens + chunk.acts.shape[0] > self.max_tokens:
+                if stop.is_set():
+                    return False
+                self._cv.wait(0.2)
+            self._q.append(chunk)
+            self.tokens += chunk.acts.shape[0]
+            self._cv.notify_all()
+            return True
+
+    def get(self, timeout: float) -> Chunk | None:
+        with self._cv:
+            if not self._q:
+                self._cv.wait(timeout)
+            if not self._q:
+                return None
+            chunk = self._q.popleft()
+            self.tokens -= chunk.acts.shape[0]
+            self._cv.notify_all()
+            return chunk
+
+    def min_offsets(self) -> dict[SourceKey, int]:
+        with self._cv:
+            out: dict[SourceKey, int] = {}
+            for c in self._q:
+                out[c.key] = min(out.get(c.key, c.offset), c.offset)
+            return out
+
+
+class KafkaActivationSource:
+    """Consumes the activation topic in a consumer group on a background thread (kafka-python is not thread-safe,
+    so every consumer call, commits included, happens on that thread)."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        topic: str,
+        group_id: str,
+        metrics: TrainerMetrics,
+        *,
+        expected_site_id: int | None,
+        d_in: int | None,
+        queue_tokens: int,
+        dtype: torch.dtype = torch.float32,
+        start_offsets: dict[SourceKey, int] | None = None,
+        reread_below: dict[SourceKey, int] | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.kafka, self.topic, self.group_id, self.metrics = kafka, topic, group_id, metrics
+        self.expected_site_id, self.d_in = expected_site_id, d_in
+        self.dtype, self.pin_memory = dtype, pin_memory
+        self.start_offsets = dict(start_offsets or {})
+        self.reread_below = dict(reread_below or {})
+        self.queue = TokenQueue(queue_tokens)
+        self._stop = threading.Event()
+        self._positions: dict[SourceKey, int] = {}
+        self._commit_req: dict[SourceKey, int] | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="streamd-ingest", daemon=True)
+        self.error: BaseException | None = None
+        self.assigned = threading.Event()
+        self._fresh: set[TopicPartition] = set()
+
+    exhausted = False  # a stream never ends
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def get(self, timeout: float) -> Chunk | None:
+        if self.error is not None:
+            raise RuntimeError("ingestion thread failed") from self.error
+        return self.queue.get(timeout)
+
+    def positions(self) -> dict[SourceKey, int]:
+        with self._lock:
+            return dict(self._positions)
+
+    def queued_offsets(self) -> dict[SourceKey, int]:
+        return self.queue.min_offsets()
+
+    def commit(self, offsets: dict[SourceKey, int]) -> None:
+        """Ask the consumer thread to commit these offsets to the group (after a durable checkpoint)."""
+        with self._lock:
+            self._commit_req = dict(offsets)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    # --- consumer thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            consumer = make_consumer(self.kafka, group_id=self.group_id)
+            try:
+                consumer.subscribe([self.topic], listener=_Rebalance(self, consumer))
+                while not self._stop.is_set():
+                    self._maybe_commit(consumer)
+                    self._update_lag(consumer)
+                    polled = consumer.poll(timeout_ms=200)
+                    fresh = self._position_assigned(consumer)
+                    for tp, records in polled.items():
+                        if tp in fresh:
+                            continue  # fetched before the seek below; read again from the right offset
+                        for rec in records:
+                            if not self._handle(tp, rec):
+                                return
+                self._maybe_commit(consumer)
+            finally:
+                consumer.close(autocommit=False)
+        except BaseException as e:  # surfaced to the trainer through get()
+            log.exception("ingestion thread failed")
+            self.error = e
+
+    def _handle(self, tp: TopicPartition, rec) -> bool:
+        key = (tp.topic, tp.partition)
+        with self._lock:
+            self._positions[key] = rec.offset + 1
+        size = len(rec.value) if rec.value is not None else 0
+        self.metrics.messages_consumed.inc()
+        self.metrics.bytes_consumed.inc(size)
+        try:
+            msg = wire.decode(rec.value if rec.value is not None else b"")
+            if self.expected_site_id is not None and msg.site_id != self.expected_site_id:
+                raise _Reject("site_id", f"site_id {msg.site_id:016x} != expected {self.expected_site_id:016x}")
+            if self.d_in is None:
+                self.d_in = msg.d_model
+            elif msg.d_model != self.d_in:
+                raise _Reject("d_model", f"d_model {msg.d_model} != expected {self.d_in}")
+        except (wire.WireError, _Reject) as e:
+            self.metrics.messages_rejected.labels(reason=e.reason).inc()
+            log.warning("rejected message %s[%d]@%d: %s", tp.topic, tp.partition, rec.offset, e)
+            return True
+        if rec.offset < self.reread_below.get(key, -1):
+            self.metrics.duplicates_reread.inc()
+        acts = msg.acts.to(self.dtype, copy=True)
+        if self.pin_memory:
+            acts = acts.pin_memory()
+        self.metrics.tokens_consumed.labels(producer=msg.producer_id).inc(msg.n_tokens)
+        chunk = Chunk(acts=acts, key=key, offset=rec.offset, producer_id=msg.producer_id, seq=msg.seq)
+        return self.queue.put(chunk, self._stop)
+
+    def _maybe_commit(self, consumer) -> None:
+        with self._lock:
+            req, self._commit_req = self._commit_req, None
+        if req:
+            consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in req.items()})
+
+    _lag_at = 0.0
+
+    def _update_lag(self, consumer) -> None:
+        """Lag from end offsets, every few seconds (right on Kafka; Tansu's end offsets are off, see README)."""
+        if time.monotonic() - self._lag_at < 5:
+            return
+        self._lag_at = time.monotonic()
+        parts = consumer.assignment()
+        if not parts:
+            return
+        ends = consumer.end_offsets(list(parts))
+        for tp, end in ends.items():
+            pos = self._positions.get((tp.topic, tp.partition), 0)
+            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(end - pos, 0))
+
+    def _position_assigned(self, consumer) -> set[TopicPartition]:
+        """Place newly assigned partitions (paused by the listener): checkpoint offsets win over the group's
+        committed ones; an offset past the log end (a broker that lost its data) falls back to the earliest with a
+        metric and a log line. Runs outside the listener: kafka-python 3 forbids blocking calls inside it."""
+        fresh, self._fresh = self._fresh, set()
+        if not fresh:
+            return fresh
+        ends = consumer.end_offsets(list(fresh))
+        for tp in fresh:
+            key = (tp.topic, tp.partition)
+            want = self.start_offsets.pop(key, None)
+            if want is None:
+                want = consumer.committed(tp)
+            if want is None:
+                consumer.seek_to_beginning(tp)
+            elif want > ends.get(tp, 0):
+                log.warning("offset %d of %s[%d] is past the log end %d: reading from the earliest",
+                            want, tp.topic, tp.partition, ends.get(tp, 0))
+                self.metrics.offset_resets.inc()
+                self.reread_below.pop(key, None)
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, want)
+        consumer.resume(*fresh)
+        self.assigned.set()
+        return fresh
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Pauses newly assigned partitions until the consumer thread has placed them (see ``_position_assigned``)."""
+
+    def __init__(self, source: KafkaActivationSource, consumer) -> None:
+        self.source, self.consumer = source, consumer
+
+    def on_partitions_revoked(self, revoked) -> None:
+        log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
+
+    def on_partitions_assigned(self, assigned) -> None:
+        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+        if assigned:
+            self.consumer.pause(*assigned)
+            self.source._fresh |= set(assigned)
+
+
+class FileActivationSource:
+    """Cached activations (``.npy`` or ``.safetensors``, [n_tokens, d_in]) trained the same way as the stream.
+
+    The offset is the row index, so resume works as for Kafka; ``loop`` restarts at row 0 when the file ends.
+    """
+
+    def __init__(self, path: Path, chunk_tokens: int, dtype: torch.dtype = torch.float32, loop: bool = False,
+                 start_row: int = 0) -> None:
+        self.path, self.chunk_tokens, self.dtype, self.loop = Path(path), chunk_tokens, dtype, loop
+        self.acts = load_activation_file(self.path)
+        self.key: SourceKey = (f"file:{self.path.name}", 0)
+        self._row = start_row if start_row < len(self.acts) else 0
+        self.exhausted = False
+
+    @property
+    def d_in(self) -> int:
+        return self.acts.shape[1]
+
+    def start(self) -> None:
+        pass
+
+    def get(self, timeout: float) -> Chunk | None:
+        if self._row >= len(self.acts):
+            if not self.loop:
+                self.exhausted = True
+                return None
+            self._row = 0
+        lo, hi = self._row, min(self._row + self.chunk_tokens, len(self.acts))
+        self._row = hi
+        return Chunk(self.acts[lo:hi].to(self.dtype), self.key, lo, self.path.name, lo // self.chunk_tokens)
+
+    def positions(self) -> dict[SourceKey, int]:
+        return {self.key: self._row}
+
+    def queued_offsets(self) -> dict[SourceKey, int]:
+        return {}
+
+    def commit(self, offsets: dict[SourceKey, int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def load_activation_file(path: Path) -> torch.Tensor:
+    """Load a [n_tokens, d_in] activation array from ``.npy`` (memory-mapped) or ``.safetensors`` (one tensor)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"activation file {path} does not exist")
+    if path.suffix == ".npy":
+        import numpy as np
+
+        arr = np.load(path, mmap_mode="r")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if len(tensors) != 1:
+            raise ValueError(f"{path} must hold exactly one tensor, found {sorted(tensors)}")
+        t = next(iter(tensors.values()))
+    else:
+        raise ValueError(f"{path}: expected a .npy or .safetensors file")
+    if t.dim() != 2:
+        raise ValueError(f"{path}: activations must be [n_tokens, d_in], got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{path}: holds non-finite values")
+    return t

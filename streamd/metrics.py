@@ -1,0 +1,191 @@
+"""Every Prometheus metric streamd exports, defined once with its help text.
+
+Each class owns a fresh ``CollectorRegistry`` so tests (and a process running several roles) can hold several without
+name clashes. Every labelled metric is initialised for every known label value at construction, so a series exists
+(at 0) before its first event: alerts built on ``increase()`` or absence then work from the first scrape.
+This module holds no logic beyond small setters; the trainer and producer decide what to record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+NAMESPACE = "streamd"
+LOSS_TERMS = ("total", "mse", "sparsity", "auxk")
+# What each architecture calls its sparsity penalty term -> the common ``term`` label.
+LOSS_TERM_ALIASES = {"l1": "sparsity", "l0_penalty": "sparsity"}
+# log10(feature density) buckets, lower edges -8.0 .. 0.0 step 0.5, plus latents that never fired in the window.
+DENSITY_BUCKETS = tuple(f"{-8 + i / 2:.1f}" for i in range(17)) + ("never",)
+PUBLISH_ERROR_KINDS = ("timeout", "too_large", "broker", "other")
+# Per-step gauges accepted by ``TrainerMetrics.observe_step`` (loss terms come as ``loss_<term>``).
+STEP_GAUGES = ("l0", "fvu", "mse", "dead_fraction", "dense_fraction", "lr", "sparsity_coefficient", "step")
+
+
+def publish_error_kind(err: BaseException) -> str:
+    """The ``kind`` label of a failed publish, one of ``PUBLISH_ERROR_KINDS`` (bounded, unlike exception names)."""
+    names = {c.__name__ for c in type(err).__mro__}
+    if names & {"KafkaTimeoutError", "TimeoutError", "RequestTimedOutError"}:
+        return "timeout"
+    if names & {"MessageSizeTooLargeError", "RecordListTooLargeError"}:
+        return "too_large"
+    if "KafkaError" in names:
+        return "broker"
+    return "other"
+
+
+def _package_version() -> str:
+    try:
+        return version("streamd")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _registry() -> CollectorRegistry:
+    """A fresh registry with the process / platform / GC collectors a default registry would carry."""
+    reg = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=reg)
+    PlatformCollector(registry=reg)
+    GCCollector(registry=reg)
+    return reg
+
+
+class TrainerMetrics:
+    """Metrics of one trainer process: ingestion, the shuffle buffer, every SAE of the run, checkpoints."""
+
+    def __init__(self, sae_names: list[str], reasons: list[str], version: str | None = None) -> None:
+        self.registry = reg = _registry()
+        self.sae_names = list(sae_names)
+        ns = NAMESPACE
+
+        def per_sae(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ["sae"], namespace=ns, registry=reg)
+
+        self.tokens_trained = Counter("tokens_trained", "Tokens each SAE has trained on.", ["sae"], namespace=ns,
+                                      registry=reg)
+        self.tokens_per_second = Gauge("tokens_per_second", "Training throughput over the last interval (tokens/s).",
+                                       namespace=ns, registry=reg)
+        self.l0 = per_sae("l0", "Mean number of active latents per token (last step).")
+        self.fvu = per_sae("fvu", "Fraction of variance unexplained by the reconstruction (last step).")
+        self.mse = per_sae("mse", "Mean squared reconstruction error (last step).")
+        self.loss = Gauge("loss", "Loss of the last step, by term (total, mse, sparsity, auxk).", ["sae", "term"],
+                          namespace=ns, registry=reg)
+        self.dead_fraction = per_sae("dead_fraction", "Fraction of latents that did not fire in the dead window.")
+        self.dense_fraction = per_sae("dense_fraction", "Fraction of latents firing above the dense threshold.")
+        self.feature_density = Gauge(
+            "feature_density",
+            "Snapshot: fraction of latents whose log10 firing density falls in bucket (lower edge) or never fired.",
+            ["sae", "bucket"], namespace=ns, registry=reg)
+        self.lr = per_sae("lr", "Current learning rate.")
+        self.sparsity_coefficient = per_sae("sparsity_coefficient", "Current sparsity penalty weight (after warm-up).")
+        self.step = per_sae("step", "Optimizer steps taken.")
+        self.eval_fvu = per_sae("eval_fvu", "FVU on the held-out activations at the last evaluation.")
+        self.eval_l0 = per_sae("eval_l0", "L0 on the held-out activations at the last evaluation.")
+
+        self.buffer_fill_ratio = Gauge("buffer_fill_ratio", "Shuffle buffer fill, 0..1.", namespace=ns, registry=reg)
+        self.buffer_tokens = Gauge("buffer_tokens", "Tokens held in the shuffle buffer.", namespace=ns, registry=reg)
+        self.tokens_consumed = Counter("tokens_consumed", "Tokens consumed from Kafka, by the producer that sent them.",
+                                       ["producer"], namespace=ns, registry=reg)
+        self.consumer_lag = Gauge("consumer_lag", "Messages between the committed/fetch position and the end offset.",
+                                  ["topic", "partition"], namespace=ns, registry=reg)
+        self.messages_consumed = Counter("messages_consumed", "Messages accepted from Kafka.", namespace=ns,
+                                         registry=reg)
+        self.bytes_consumed = Counter("bytes_consumed", "Message bytes accepted from Kafka.", namespace=ns,
+                                      registry=reg)
+        self.messages_rejected = Counter("messages_rejected", "Messages dropped by validation, by reason.", ["reason"],
+                                         namespace=ns, registry=reg)
+        self.duplicates_reread = Counter("duplicates_reread", "Messages read again after a resume (at-least-once).",
+                                         namespace=ns, registry=reg)
+        self.offset_resets = Counter("offset_resets", "Times the consumer position was reset (out of range, lost).",
+                                     namespace=ns, registry=reg)
+
+        self.checkpoints = Counter("checkpoints", "Checkpoints written successfully.", namespace=ns, registry=reg)
+        self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint writes that failed.", namespace=ns,
+                                           registry=reg)
+        self.checkpoint_last_success = Gauge("checkpoint_last_success_timestamp_seconds",
+                                             "Unix time of the last successful checkpoint (0: none yet).",
+                                             namespace=ns, registry=reg)
+        self.checkpoint_duration = Gauge("checkpoint_duration_seconds", "Duration of the last checkpoint write.",
+                                         namespace=ns, registry=reg)
+        self.training_ready = Gauge("training_ready", "1 once the buffer is full enough and training steps run.",
+                                    namespace=ns, registry=reg)
+        self.build_info = Gauge("build_info", "Always 1; the version label says which streamd runs.", ["version"],
+                                namespace=ns, registry=reg)
+        self.build_info.labels(version=version or _package_version()).set(1)
+
+        for sae in self.sae_names:
+            self.tokens_trained.labels(sae=sae)
+            for g in (self.l0, self.fvu, self.mse, self.dead_fraction, self.dense_fraction, self.lr,
+                      self.sparsity_coefficient, self.step, self.eval_fvu, self.eval_l0):
+                g.labels(sae=sae)
+            for term in LOSS_TERMS:
+                self.loss.labels(sae=sae, term=term)
+            for bucket in DENSITY_BUCKETS:
+                self.feature_density.labels(sae=sae, bucket=bucket)
+        for reason in reasons:
+            self.messages_rejected.labels(reason=reason)
+
+    def observe_step(self, sae: str, stats: Mapping[str, float]) -> None:
+        """Set the per-SAE gauges from one step's stats: keys from ``STEP_GAUGES`` and ``loss_<term>``.
+
+        An unknown key raises: a renamed stat must not silently stop updating its dashboard panel.
+        """
+        for key, value in stats.items():
+            term = LOSS_TERM_ALIASES.get(key[5:], key[5:]) if key.startswith("loss_") else None
+            if term in LOSS_TERMS:
+                self.loss.labels(sae=sae, term=term).set(value)
+            elif key in STEP_GAUGES:
+                getattr(self, key).labels(sae=sae).set(value)
+            else:
+                raise KeyError(f"unknown step stat {key!r}; expected one of {STEP_GAUGES} or loss_<{LOSS_TERMS}>")
+
+    def set_density(self, sae: str, histogram: Mapping[str, float]) -> None:
+        """Replace the feature-density snapshot of ``sae``: fraction of latents per ``DENSITY_BUCKETS`` label.
+
+        Buckets missing from ``histogram`` read 0; an unknown bucket raises (it would never reach the dashboard).
+        """
+        unknown = set(histogram) - set(DENSITY_BUCKETS)
+        if unknown:
+            raise KeyError(f"unknown density buckets {sorted(unknown)}; expected labels from {DENSITY_BUCKETS}")
+        for bucket in DENSITY_BUCKETS:
+            self.feature_density.labels(sae=sae, bucket=bucket).set(histogram.get(bucket, 0.0))
+
+
+class ProducerMetrics:
+    """Metrics of one producer process: model forward, publishing, the bounded send queue."""
+
+    def __init__(self, producer_id: str) -> None:
+        self.registry = reg = _registry()
+        self.producer_id = producer_id
+        ns = NAMESPACE
+        lab = ["producer"]
+        self.tokens_published = Counter("tokens_published", "Activation tokens published to Kafka.", lab,
+                                        namespace=ns, registry=reg)
+        self.messages_published = Counter("messages_published", "Messages acknowledged by the broker.", lab,
+                                          namespace=ns, registry=reg)
+        self.bytes_published = Counter("bytes_published", "Message bytes acknowledged by the broker.", lab,
+                                       namespace=ns, registry=reg)
+        self.forward_seconds = Histogram(
+            "forward_seconds", "Duration of one model forward pass over a batch.", namespace=ns, registry=reg,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.publish_latency = Histogram(
+            "publish_latency_seconds", "Time from send() to broker acknowledgement.", namespace=ns, registry=reg,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.send_queue_depth = Gauge("send_queue_depth", "Messages waiting in the bounded send queue.", lab,
+                                      namespace=ns, registry=reg)
+        self.send_queue_capacity = Gauge("send_queue_capacity", "Capacity of the bounded send queue.", lab,
+                                         namespace=ns, registry=reg)
+        self.publish_errors = Counter("publish_errors", "Failed publishes, by kind.", ["producer", "kind"],
+                                      namespace=ns, registry=reg)
+        self.documents = Counter("documents", "Source documents read.", lab, namespace=ns, registry=reg)
+
+        for m in (self.tokens_published, self.messages_published, self.bytes_published, self.send_queue_depth,
+                  self.send_queue_capacity, self.documents):
+            m.labels(producer=producer_id)
+        for kind in PUBLISH_ERROR_KINDS:
+            self.publish_errors.labels(producer=producer_id, kind=kind)

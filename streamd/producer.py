@@ -1,0 +1,196 @@
+"""Producer: text source -> frozen model (stopped after the highest hooked layer) -> wire messages -> Kafka.
+
+Memory is bounded by a semaphore over messages not yet acknowledged (queued, in flight or waiting to be retried): the
+model waits when it is full, so a slow or absent broker slows the producer down instead of growing it. A failed send
+is retried with backoff for as long as it takes; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+
+from streamd import wire
+from streamd.config import KafkaConfig, ProducerConfig, StreamdConfig
+from streamd.kafka import ensure_topic, make_producer
+from streamd.metrics import ProducerMetrics
+from streamd.model import ActivationCapture, LoadedModel, configure_threads, load_frozen_model, pack_documents, site_id
+from streamd.sources import iter_source
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Publisher:
+    """Sends encoded messages with at most ``capacity`` unacknowledged, retrying failures with backoff."""
+
+    def __init__(self, kafka: KafkaConfig, topics: list[str], metrics: ProducerMetrics, capacity: int,
+                 max_request_size: int, partitions: int) -> None:
+        self.kafka, self.topics, self.metrics, self.capacity = kafka, topics, metrics, capacity
+        self.partitions = partitions
+        self.producer = make_producer(kafka, max_request_size=max_request_size)
+        self._slots = threading.BoundedSemaphore(capacity)
+        self._outstanding = 0
+        self._lock = threading.Lock()
+        self._todo: queue.Queue = queue.Queue()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._send_loop, name="streamd-publish", daemon=True)
+        self._thread.start()
+        metrics.send_queue_capacity.labels(producer=metrics.producer_id).set(capacity)
+
+    @property
+    def depth(self) -> int:
+        return self._outstanding
+
+    def publish(self, topic: str, key: bytes, value: bytes, n_tokens: int) -> None:
+        """Blocks while ``capacity`` messages are unacknowledged: the backpressure on the model."""
+        self._slots.acquire()
+        self._adjust(+1)
+        self._todo.put((topic, key, value, n_tokens, time.monotonic(), 0))
+
+    def _adjust(self, delta: int) -> None:
+        with self._lock:
+            self._outstanding += delta
+            self.metrics.send_queue_depth.labels(producer=self.metrics.producer_id).set(self._outstanding)
+
+    def _send_loop(self) -> None:
+        while not (self._closing.is_set() and self._outstanding == 0):
+            try:
+                item = self._todo.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            topic, key, value, n_tokens, t0, attempt = item
+            try:
+                fut = self.producer.send(topic, value=value, key=key)
+            except Exception as e:  # metadata timeout while the broker is away, buffer full...
+                self._retry(item, e)
+                continue
+            fut.add_callback(self._acked, n_tokens, len(value), t0)
+            fut.add_errback(lambda e, item=item: self._retry(item, e))
+
+    def _acked(self, _meta, n_tokens: int, size: int, t0: float) -> None:
+        pid = self.metrics.producer_id
+        self.metrics.tokens_published.labels(producer=pid).inc(n_tokens)
+        self.metrics.messages_published.labels(producer=pid).inc()
+        self.metrics.bytes_published.labels(producer=pid).inc(size)
+        self.metrics.publish_latency.observe(time.monotonic() - t0)
+        self._adjust(-1)
+        self._slots.release()
+
+    def _retry(self, item: tuple, err: BaseException) -> None:
+        topic, key, value, n_tokens, t0, attempt = item
+        kind = type(err).__name__
+        self.metrics.publish_errors.labels(producer=self.metrics.producer_id, kind=kind).inc()
+        delay = min(0.2 * 2**attempt, 5.0)
+        log.warning("publish to %s failed (%s: %s); retry %d in %.1fs", topic, kind, err, attempt + 1, delay)
+        if attempt >= 2:  # a broker that lost its data (memory storage) lost the topic too
+            try:
+                ensure_topic(self.kafka, topic, self.partitions)
+            except Exception as e:
+                log.debug("topic re-creation failed: %s", e)
+        timer = threading.Timer(delay, self._todo.put, args=((topic, key, value, n_tokens, t0, attempt + 1),))
+        timer.daemon = True
+        timer.start()
+
+    def close(self, timeout: float = 60.0) -> bool:
+        """Wait until every message is acknowledged (or ``timeout``); returns whether all were."""
+        deadline = time.monotonic() + timeout
+        while self._outstanding and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = self._outstanding == 0
+        self._closing.set()
+        self._thread.join(timeout=5)
+        self.producer.flush(timeout=5)
+        self.producer.close(timeout=5)
+        return done
+
+
+def split_rows(n: int, d_model: int, dtype: torch.dtype, producer_id: str, token_ids: bool, max_bytes: int) -> int:
+    """Most token rows per message that keep it under ``max_bytes``."""
+    per_row = wire.message_size(1, d_model, dtype, producer_id, token_ids) - wire.message_size(
+        0, d_model, dtype, producer_id, False)
+    rows = max(1, (max_bytes - wire.message_size(0, d_model, dtype, producer_id, False) - 8) // per_row)
+    return min(rows, n)
+
+
+def _batches(windows: Iterator, size: int) -> Iterator[list]:
+    while batch := list(itertools.islice(windows, size)):
+        yield batch
+
+
+class ActivationProducer:
+    def __init__(self, cfg: StreamdConfig, loaded: LoadedModel | None = None) -> None:
+        self.cfg, self.pcfg = cfg, cfg.producer
+        configure_threads(self.pcfg.torch_threads)
+        self.loaded = loaded or load_frozen_model(self.pcfg.model_path, self.pcfg.dtype, self.pcfg.device)
+        self.metrics = ProducerMetrics(self.pcfg.producer_id)
+        self.wire_dtype = DTYPES[self.pcfg.wire_dtype]
+        self.topics = {(s.site, s.layer): s.topic or cfg.kafka.topic for s in self.pcfg.sites}
+        self.site_ids = {
+            (s.site, s.layer): site_id(self.loaded.model_hash, s.site, s.layer) for s in self.pcfg.sites
+        }
+        self.stop_event = threading.Event()
+        self.seq = 0
+        self.tokens = 0
+
+    def _documents(self) -> Iterator[str]:
+        docs = self.metrics.documents.labels(producer=self.pcfg.producer_id)
+        for doc in iter_source(self.pcfg.source, kafka=self.cfg.kafka):
+            docs.inc()
+            yield doc
+
+    def run(self) -> int:
+        """Publish until the source ends, max_tokens, or stop(); flushes before returning the tokens published."""
+        p = self.pcfg
+        for topic in set(self.topics.values()):
+            ensure_topic(self.cfg.kafka, topic, self.cfg.kafka.partitions)
+        pub = Publisher(self.cfg.kafka, sorted(set(self.topics.values())), self.metrics, p.queue_max_messages,
+                        max_request_size=p.max_message_bytes + 4096, partitions=self.cfg.kafka.partitions)
+        key = p.producer_id.encode()
+        windows = pack_documents(self.loaded.tokenizer, self._documents(), p.context_length)
+        try:
+            with ActivationCapture(self.loaded.model, p.sites) as capture:
+                for batch in _batches(windows, p.batch_size):
+                    if self.stop_event.is_set():
+                        break
+                    ids = torch.stack([w.input_ids for w in batch]).to(p.device)
+                    keep = torch.stack([w.keep_mask for w in batch])
+                    t0 = time.monotonic()
+                    with torch.inference_mode():
+                        acts = capture.capture(ids)
+                    self.metrics.forward_seconds.observe(time.monotonic() - t0)
+                    flat_ids = ids.cpu()[keep]
+                    for (site, layer), a in acts.items():
+                        rows = a.detach().to("cpu")[keep].to(self.wire_dtype)
+                        self._publish(pub, key, self.topics[(site, layer)], self.site_ids[(site, layer)], rows,
+                                      flat_ids)
+                    self.tokens += int(keep.sum())
+                    if p.max_tokens is not None and self.tokens >= p.max_tokens:
+                        break
+        finally:
+            if not pub.close():
+                log.error("stopped with %d messages unacknowledged", pub.depth)
+        return self.tokens
+
+    def _publish(self, pub: Publisher, key: bytes, topic: str, sid: int, rows: torch.Tensor,
+                 token_ids: torch.Tensor) -> None:
+        p = self.pcfg
+        step = split_rows(len(rows), rows.shape[1], rows.dtype, p.producer_id, p.include_token_ids,
+                          p.max_message_bytes)
+        for lo in range(0, len(rows), step):
+            msg = wire.ActivationMessage(
+                producer_id=p.producer_id, seq=self.seq, site_id=sid, acts=rows[lo : lo + step],
+                token_ids=token_ids[lo : lo + step] if p.include_token_ids else None,
+            )
+            pub.publish(topic, key, wire.encode(msg), len(msg.acts))
+            self.seq += 1
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -1,0 +1,30 @@
+"""Publish a cached activation file into Kafka in the wire format, as a producer would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from streamd import wire
+from streamd.config import KafkaConfig
+from streamd.ingest import load_activation_file
+from streamd.kafka import ensure_topic, make_producer
+from streamd.producer import split_rows
+
+
+def replay(kafka: KafkaConfig, path: Path, *, topic: str, site_id: int, producer_id: str = "replay",
+           max_message_bytes: int = 1_000_000, dtype: torch.dtype = torch.float16) -> int:
+    """Send every row of ``path`` (``[n_tokens, d_in]``); returns the tokens published."""
+    acts = load_activation_file(Path(path)).to(dtype)
+    ensure_topic(kafka, topic, kafka.partitions)
+    producer = make_producer(kafka, max_request_size=max_message_bytes + 4096)
+    step = split_rows(len(acts), acts.shape[1], dtype, producer_id, False, max_message_bytes)
+    try:
+        for seq, lo in enumerate(range(0, len(acts), step)):
+            msg = wire.ActivationMessage(producer_id, seq, site_id, acts[lo : lo + step])
+            producer.send(topic, value=wire.encode(msg), key=producer_id.encode())
+        producer.flush()
+    finally:
+        producer.close()
+    return len(acts)

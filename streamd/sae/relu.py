@@ -1,0 +1,29 @@
+"""ReLU SAE, Anthropic's April-2024 recipe.
+
+The L1 penalty weights each activation by its decoder row norm, so the decoder needs no norm constraint (shrinking a
+row while growing the activation no longer lowers the penalty). Decoder rows start at norm 0.1, encoder = decoder^T.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from streamd.sae.base import SAE, LossOut, sum_sq
+
+
+class ReLUSAE(SAE):
+    architecture = "relu"
+    export_architecture = "standard"
+    decoder_init_norm = 0.1
+    unit_norm_decoder = False
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.pre_acts(x).relu()
+
+    def loss(self, x: Tensor, sparsity_scale: float, dead_mask: Tensor | None = None) -> LossOut:
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        mse = sum_sq(x_hat - x)
+        l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
+        loss = mse + self.cfg.l1_coefficient * sparsity_scale * l1
+        return LossOut(loss, {"mse": mse, "l1": l1}, f, x_hat)

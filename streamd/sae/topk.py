@@ -1,0 +1,53 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations per token, unit-norm decoder, AuxK.
+
+AuxK: the ``aux_k`` largest pre-activations among dead latents reconstruct the main model's residual error; this
+gives dead latents a gradient towards directions the live ones miss. Weight ``aux_coefficient`` (paper: 1/32),
+scaled down when fewer than ``aux_k`` latents are dead (as SAELens does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from streamd.sae.base import SAE, LossOut, sum_sq
+
+
+class TopKSAE(SAE):
+    architecture = "topk"
+    export_architecture = "topk"
+    init_b_dec_from_data = True
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.topk(self.pre_acts(x))
+
+    def topk(self, pre: Tensor) -> Tensor:
+        vals, idx = pre.topk(min(self.cfg.k, self.d_sae), dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+
+    def train_acts(self, pre: Tensor) -> Tensor:
+        """The activations used for reconstruction in training (batchtopk overrides this)."""
+        return self.topk(pre)
+
+    def loss(self, x: Tensor, sparsity_scale: float, dead_mask: Tensor | None = None) -> LossOut:
+        pre = self.pre_acts(x)
+        f = self.train_acts(pre)
+        x_hat = self.decode(f)
+        mse = sum_sq(x_hat - x)
+        auxk = self.auxk_loss(pre, (x - x_hat).detach(), dead_mask)
+        terms = {"mse": mse, "auxk": auxk}
+        return LossOut(mse + self.cfg.aux_coefficient * auxk, terms, f, x_hat)
+
+    def auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
+        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+        if n_dead == 0:
+            return pre.new_zeros(())
+        aux_k = self.cfg.aux_k or self.d_in // 2
+        k = min(aux_k, n_dead)
+        masked = pre.masked_fill(~dead_mask, float("-inf"))
+        vals, idx = masked.topk(k, dim=-1, sorted=False)
+        aux_f = torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+        return min(n_dead / aux_k, 1.0) * sum_sq(aux_f @ self.W_dec - residual)
+
+    def saelens_cfg(self) -> dict:
+        return {**super().saelens_cfg(), "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

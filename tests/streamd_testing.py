@@ -1,0 +1,98 @@
+"""Helpers shared by the trainer and pipeline tests: configs, publishing activations, reading trainer traces."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from streamd import wire
+from streamd.config import CheckpointConfig, KafkaConfig, MetricsConfig, SAEConfig, StreamdConfig, TrainerConfig
+from streamd.kafka import ensure_topic, make_producer
+
+SITE_ID = 0xAB
+
+
+def trainer_config(kafka: KafkaConfig, run_dir: Path, *, d_in: int = 16, every_tokens: int | None = 4096,
+                   saes: list[SAEConfig] | None = None, **trainer: object) -> StreamdConfig:
+    t = dict(site_id=f"{SITE_ID:016x}", d_in=d_in, buffer_tokens=1024, batch_size=128, warmup_tokens=0,
+             eval_tokens=0, run_dir=run_dir, device="cpu", torch_threads=1, norm_estimate_tokens=512,
+             saes=saes or [SAEConfig(name="t", architecture="topk", expansion_factor=4, k=4)])
+    t.update(trainer)
+    return StreamdConfig(
+        kafka=kafka, trainer=TrainerConfig(**t), metrics=MetricsConfig(port=0),
+        checkpoints=CheckpointConfig(every_tokens=every_tokens, every_seconds=None, keep_last=2),
+    )
+
+
+def write_config(cfg: StreamdConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def publish(kafka: KafkaConfig, acts: torch.Tensor, *, producer_id: str = "p", tokens_per_msg: int = 64,
+            site_id: int = SITE_ID, topic: str | None = None, extra: list[bytes] = ()) -> dict[tuple[str, int], int]:
+    """Publish ``acts`` in messages of ``tokens_per_msg`` rows (plus raw ``extra`` payloads, e.g. poison), spread
+    over partitions by key; returns {(producer_id, seq): n_tokens}."""
+    topic = topic or kafka.topic
+    ensure_topic(kafka, topic, kafka.partitions)
+    prod = make_producer(kafka, max_request_size=2**20)
+    sent, futs = {}, []
+    for seq, lo in enumerate(range(0, len(acts), tokens_per_msg)):
+        rows = acts[lo : lo + tokens_per_msg].to(torch.float16)
+        msg = wire.ActivationMessage(producer_id, seq, site_id, rows)
+        futs.append(prod.send(topic, value=wire.encode(msg), key=f"{producer_id}-{seq % 7}".encode()))
+        sent[(producer_id, seq)] = len(rows)
+    futs += [prod.send(topic, value=blob, key=b"poison") for blob in extra]
+    for f in futs:
+        f.get(timeout=30)
+    prod.close()
+    return sent
+
+
+def random_acts(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32))
+
+
+def trace_counts(path: Path, upto_tokens: int | None = None) -> Counter:
+    """Tokens trained per (topic, partition, offset), from a trainer trace, up to a token count (a checkpoint)."""
+    out: Counter = Counter()
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if upto_tokens is not None and rec["tokens"] > upto_tokens:
+            break
+        for topic, part, off, n in rec["served"]:
+            out[(topic, part, off)] += n
+    return out
+
+
+def topic_messages(kafka: KafkaConfig, topic: str | None = None) -> dict[tuple[str, int, int], tuple[str, int, int]]:
+    """Every valid activation message in the topic: (topic, partition, offset) -> (producer id, seq, n_tokens)."""
+    from kafka import TopicPartition
+
+    from streamd.kafka import make_consumer
+
+    topic = topic or kafka.topic
+    consumer = make_consumer(kafka, group_id=None)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        out, idle = {}, 0
+        while idle < 5:
+            batch = consumer.poll(timeout_ms=500)
+            idle = 0 if batch else idle + 1
+            for tp, recs in batch.items():
+                for r in recs:
+                    try:
+                        m = wire.decode(r.value)
+                    except wire.WireError:
+                        continue
+                    out[(tp.topic, tp.partition, r.offset)] = (m.producer_id, m.seq, m.n_tokens)
+        return out
+    finally:
+        consumer.close()

@@ -1,0 +1,191 @@
+"""CheckpointStore: atomic layout, latest pointer, retention, verification, failure injection, crash debris."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streamd import checkpoints
+from streamd.checkpoints import CheckpointError, CheckpointStore, SAEExport
+
+HOOK = "blocks.3.hook_resid_post"
+D_IN, D_SAE = 8, 32
+
+
+def make_sae(name: str = "topk-k4", seed: int = 0, arch: str = "topk") -> SAEExport:
+    g = torch.Generator().manual_seed(seed)
+    weights = {
+        "W_enc": torch.randn(D_IN, D_SAE, generator=g),
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+        "b_enc": torch.randn(D_SAE, generator=g),
+        "b_dec": torch.randn(D_IN, generator=g),
+    }
+    cfg = {"architecture": arch, "k": 4} if arch == "topk" else {"architecture": arch}
+    return SAEExport(name, cfg, weights, sparsity=torch.full((D_SAE,), -2.0))
+
+
+def write(store: CheckpointStore, tokens: int, saes: list[SAEExport] | None = None) -> Path:
+    return store.write(
+        tokens,
+        saes or [make_sae()],
+        trainer_state={"step": tokens // 10, "adam": {"m": torch.ones(3)}},
+        offsets={"acts": {0: tokens, 1: tokens + 1}},
+        manifest={"streamd_version": "0.1.0", "config": {"trainer": {"d_in": D_IN}}, "model_name": "tiny"},
+        hook_name=HOOK,
+    )
+
+
+def tmp_dirs(store: CheckpointStore) -> list[Path]:
+    return list(store.dir.glob(".tmp-*"))
+
+
+def test_layout_and_round_trip(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=3)
+    a, b = make_sae("a", 1), make_sae("b", 2, arch="standard")
+    path = write(store, 123456, [a, b])
+
+    assert path == tmp_path / "checkpoints" / "000000123456"
+    assert (store.dir / "latest").read_text().strip() == "000000123456"
+    assert store.latest() == path
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["tokens"] == 123456 and manifest["saes"] == ["a", "b"] and manifest["hook_name"] == HOOK
+    assert manifest["config"] == {"trainer": {"d_in": D_IN}}
+    sae_files = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
+    expected = {"trainer_state.pt", "offsets.json"} | {f"{n}/{f}" for n in "ab" for f in sae_files}
+    assert set(manifest["files"]) == expected
+    assert store.verify(path)["id"] == "000000123456"
+
+    cfg = json.loads((path / "a" / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["k"], cfg["d_in"], cfg["d_sae"]) == ("topk", 4, D_IN, D_SAE)
+    assert cfg["dtype"] == "float32" and cfg["apply_b_dec_to_input"] is True
+    assert cfg["normalize_activations"] == "none" and cfg["device"] == "cpu"
+    assert cfg["metadata"]["hook_name"] == HOOK and cfg["metadata"]["model_name"] == "tiny"
+    assert cfg["metadata"]["sae_lens_version"].startswith("6.")
+    w = load_file(path / "b" / "sae_weights.safetensors")
+    assert set(w) == {"W_enc", "W_dec", "b_enc", "b_dec"} and torch.equal(w["W_dec"], b.weights["W_dec"])
+    assert torch.equal(load_file(path / "a" / "sparsity.safetensors")["sparsity"], a.sparsity)
+
+    assert store.read_offsets(path) == {"acts": {0: 123456, 1: 123457}}
+    state = store.read_trainer_state(path)
+    assert state["step"] == 12345 and torch.equal(state["adam"]["m"], torch.ones(3))
+    [info] = store.list()
+    assert (info.id, info.tokens, info.saes, info.path) == ("000000123456", 123456, ["a", "b"], path)
+
+
+def test_bad_exports_rejected_before_touching_disk(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=3)
+    bad = make_sae()
+    bad.weights["b_dec"] = torch.zeros(D_IN + 1)
+    with pytest.raises(ValueError, match="b_dec"):
+        write(store, 10, [bad])
+    with pytest.raises(ValueError, match="safe directory name"):
+        write(store, 10, [make_sae("..")])
+    with pytest.raises(ValueError, match="unique"):
+        write(store, 10, [make_sae("x"), make_sae("x")])
+    assert list(store.dir.iterdir()) == []
+
+
+def test_retention_keeps_last_k(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=2)
+    for t in (100, 200, 300, 400):
+        write(store, t)
+    assert [i.tokens for i in store.list()] == [300, 400]
+    assert store.latest() == store.dir / "000000000400"
+    assert tmp_dirs(store) == []
+
+
+def test_retention_never_deletes_what_latest_names(tmp_path: Path) -> None:
+    """Rolled back to an old checkpoint and resumed with a smaller keep_last: the resumed one survives."""
+    for t in (100, 200, 300):
+        write(CheckpointStore(tmp_path, keep_last=3), t)
+    store = CheckpointStore(tmp_path, keep_last=1)
+    path = write(store, 100)  # same id: kept as is, latest re-pointed, retention applied
+    assert store.latest() == path
+    assert [i.tokens for i in store.list()] == [100, 300]
+    store.verify(path)
+
+
+def test_verify_detects_corruption_missing_and_extra_files(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=3)
+    path = write(store, 5)
+    weights = path / "topk-k4" / "sae_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"topk-k4/sae_weights.safetensors: sha256"):
+        store.verify(path)
+    weights.unlink()
+    (path / "stray.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError) as e:
+        store.verify(path)
+    assert "sae_weights.safetensors: missing" in str(e.value) and "stray.bin: not in manifest" in str(e.value)
+
+
+def count_writes(monkeypatch: pytest.MonkeyPatch, store: CheckpointStore, tokens: int) -> int:
+    calls = []
+    real = checkpoints.write_bytes
+    monkeypatch.setattr(checkpoints, "write_bytes", lambda p, d: (calls.append(p), real(p, d))[1])
+    write(store, tokens)
+    monkeypatch.setattr(checkpoints, "write_bytes", real)
+    return len(calls)
+
+
+def test_enospc_at_every_write_leaves_previous_state_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path, keep_last=5)
+    first = write(store, 1000)
+    n_writes = count_writes(monkeypatch, CheckpointStore(tmp_path / "probe", keep_last=5), 2000)
+    assert n_writes == 7  # 3 SAE files, trainer state, offsets, manifest, latest pointer
+    real = checkpoints.write_bytes
+    for fail_at in range(n_writes):
+        calls = []
+
+        def flaky(path: Path, data: bytes) -> None:
+            calls.append(path)
+            if len(calls) == fail_at + 1:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            real(path, data)
+
+        monkeypatch.setattr(checkpoints, "write_bytes", flaky)
+        with pytest.raises(CheckpointError, match="no space left") as e:
+            write(store, 2000)
+        assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.errno == errno.ENOSPC
+        assert store.latest() == first, f"latest moved when write {fail_at} failed"
+        assert [i.tokens for i in store.list()] == [1000]
+        assert tmp_dirs(store) == [], f"debris left when write {fail_at} failed"
+        store.verify(first)
+    monkeypatch.setattr(checkpoints, "write_bytes", real)
+    assert write(store, 2000) == store.latest()  # the next attempt, with space, succeeds
+
+
+def test_stale_tmp_dirs_removed_by_writer_only(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=3)
+    good = write(store, 7)
+    stale = store.dir / ".tmp-000000000009-deadbeef"
+    (stale / "topk-k4").mkdir(parents=True)
+    (stale / "topk-k4" / "cfg.json").write_text("{")
+    (store.dir / ".tmp-latest-0000").write_text("000000000009")
+
+    reader = CheckpointStore(tmp_path, writer=False)
+    assert stale.exists() and reader.latest() == good
+    with pytest.raises(CheckpointError, match="read-only"):
+        write(reader, 11)
+
+    CheckpointStore(tmp_path, keep_last=3)
+    assert tmp_dirs(store) == []
+    assert store.latest() == good and [i.tokens for i in store.list()] == [7]
+
+
+def test_empty_and_bad_pointer(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=1, writer=False)
+    assert store.latest() is None and store.list() == []
+    store = CheckpointStore(tmp_path, keep_last=1)
+    write(store, 3)
+    (store.dir / "latest").write_text("../../etc\n")
+    assert store.latest() is None
+    with pytest.raises(CheckpointError, match="offsets"):
+        store.read_offsets(tmp_path)
