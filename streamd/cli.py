@@ -168,7 +168,7 @@ def cmd_replay(args) -> int:
     from streamd.replay import replay
 
     cfg = _config(args)
-    n = replay(cfg.kafka, args.path, topic=args.topic or cfg.kafka.topic, site_id=int(args.site_id, 16),
+    n = replay(cfg.kafka, args.path, topic=cfg.kafka.topic, site_id=int(args.site_id, 16),
                producer_id=args.producer_id, max_message_bytes=cfg.producer.max_message_bytes)
     print(f"published {n} tokens from {args.path}")
     return 0

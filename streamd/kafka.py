@@ -111,6 +111,9 @@ def make_consumer(cfg: KafkaConfig, *, group_id: str | None, **overrides: Any) -
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
+        # Only producers and ensure_topic create topics: a consumer's metadata request racing ahead of them (say,
+        # right after a memory broker restarted) would create the topic with the broker's default partition count.
+        "allow_auto_create_topics": False,
         "fetch_max_bytes": FETCH_MAX_BYTES,
         "max_partition_fetch_bytes": MAX_PARTITION_FETCH_BYTES,
         # A fetch response may hold one oversized message beyond fetch_max_bytes.

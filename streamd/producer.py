@@ -19,7 +19,7 @@ import torch
 from streamd import wire
 from streamd.config import KafkaConfig, ProducerConfig, StreamdConfig
 from streamd.kafka import ensure_topic, make_producer
-from streamd.metrics import ProducerMetrics
+from streamd.metrics import ProducerMetrics, publish_error_kind
 from streamd.model import ActivationCapture, LoadedModel, configure_threads, load_frozen_model, pack_documents, site_id
 from streamd.sources import iter_source
 
@@ -41,6 +41,7 @@ class Publisher:
         self._lock = threading.Lock()
         self._todo: queue.Queue = queue.Queue()
         self._closing = threading.Event()
+        self._recheck_topics = threading.Event()
         self._thread = threading.Thread(target=self._send_loop, name="streamd-publish", daemon=True)
         self._thread.start()
         metrics.send_queue_capacity.labels(producer=metrics.producer_id).set(capacity)
@@ -68,14 +69,20 @@ class Publisher:
                 continue
             topic, key, value, n_tokens, t0, attempt = item
             try:
+                if self._recheck_topics.is_set():
+                    # A broker that lost its data (memory storage) lost the topic, and it acknowledges sends to a
+                    # lost topic that nobody can read: re-create before sending anything after an error.
+                    for t in self.topics:
+                        ensure_topic(self.kafka, t, self.partitions)
+                    self._recheck_topics.clear()
                 fut = self.producer.send(topic, value=value, key=key)
-            except Exception as e:  # metadata timeout while the broker is away, buffer full...
+            except Exception as e:  # the broker is away, metadata timeout...
                 self._retry(item, e)
                 continue
-            fut.add_callback(self._acked, n_tokens, len(value), t0)
+            fut.add_callback(lambda _meta, n=n_tokens, size=len(value), t0=t0: self._acked(n, size, t0))
             fut.add_errback(lambda e, item=item: self._retry(item, e))
 
-    def _acked(self, _meta, n_tokens: int, size: int, t0: float) -> None:
+    def _acked(self, n_tokens: int, size: int, t0: float) -> None:
         pid = self.metrics.producer_id
         self.metrics.tokens_published.labels(producer=pid).inc(n_tokens)
         self.metrics.messages_published.labels(producer=pid).inc()
@@ -86,15 +93,11 @@ class Publisher:
 
     def _retry(self, item: tuple, err: BaseException) -> None:
         topic, key, value, n_tokens, t0, attempt = item
-        kind = type(err).__name__
-        self.metrics.publish_errors.labels(producer=self.metrics.producer_id, kind=kind).inc()
+        self.metrics.publish_errors.labels(producer=self.metrics.producer_id, kind=publish_error_kind(err)).inc()
+        self._recheck_topics.set()
         delay = min(0.2 * 2**attempt, 5.0)
-        log.warning("publish to %s failed (%s: %s); retry %d in %.1fs", topic, kind, err, attempt + 1, delay)
-        if attempt >= 2:  # a broker that lost its data (memory storage) lost the topic too
-            try:
-                ensure_topic(self.kafka, topic, self.partitions)
-            except Exception as e:
-                log.debug("topic re-creation failed: %s", e)
+        log.warning("publish to %s failed (%s: %s); retry %d in %.1fs", topic, type(err).__name__, err,
+                    attempt + 1, delay)
         timer = threading.Timer(delay, self._todo.put, args=((topic, key, value, n_tokens, t0, attempt + 1),))
         timer.daemon = True
         timer.start()

@@ -21,10 +21,13 @@ def replay(kafka: KafkaConfig, path: Path, *, topic: str, site_id: int, producer
     producer = make_producer(kafka, max_request_size=max_message_bytes + 4096)
     step = split_rows(len(acts), acts.shape[1], dtype, producer_id, False, max_message_bytes)
     try:
-        for seq, lo in enumerate(range(0, len(acts), step)):
-            msg = wire.ActivationMessage(producer_id, seq, site_id, acts[lo : lo + step])
-            producer.send(topic, value=wire.encode(msg), key=producer_id.encode())
-        producer.flush()
+        futures = [
+            producer.send(topic, value=wire.encode(wire.ActivationMessage(producer_id, seq, site_id, acts[lo : lo + step])),
+                          key=producer_id.encode())
+            for seq, lo in enumerate(range(0, len(acts), step))
+        ]
+        for f in futures:
+            f.get(timeout=60)  # raises the broker's error for any message not stored
     finally:
         producer.close()
     return len(acts)

@@ -60,7 +60,9 @@ def fortunes(directory: Path | None = None) -> Iterator[str]:
     directory = directory or FORTUNES_DIR
     if not directory.is_dir():
         raise SourceError(f"corpus fortunes needs Debian packages fortunes and fortunes-min ({directory} not found)")
-    paths = sorted(p for p in directory.iterdir() if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8"))
+    paths = sorted(
+        p for p in directory.iterdir() if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8")
+    )
     return (entry for path in paths for entry in _fortune_entries(path))
 
 

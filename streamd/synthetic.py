@@ -5,11 +5,11 @@ Each token is ``sum_i a_i m_i d_i + noise``: ``d_i`` are ``n_features`` random u
 Firing probabilities follow a power law ``p_i ∝ (i + 1) ** -zipf_exponent``, scaled so ``sum_i p_i = mean_active``.
 
 Difficulty with the defaults (d_in 64, n_features 256, mean_active 5, zipf_exponent 0.5, noise_std 0.01): the
-most common feature fires on ~11% of tokens, the rarest on ~0.7% (so 100k tokens hold ~700 examples of it); the
-largest cosine between two true directions is about 0.55; tokens have ~5 active features (std ~2.2) and
-E||x||^2 ~ 10. A TopK SAE (d_sae 512, k 8) recovers >= 90% of the directions at cosine > 0.9 within a few
-hundred thousand tokens. Harder settings: larger ``zipf_exponent`` (rarer tail), larger ``mean_active``, or a
-smaller ``d_in / n_features`` ratio.
+commonest feature fires on 16% of tokens, the rarest on 1.0% (~1000 examples per 100k tokens); the largest cosine
+between two true directions is about 0.5; tokens have 5 active features on average (std 2.2) and E||x||^2 ~ 10.
+Measured (tests/test_synthetic.py, inputs rescaled to E||x||^2 = d_in, batch 1024, d_sae 512): TopK k=8, lr 3e-3
+recovers ~98% of the directions at cosine > 0.9 after 500 steps (512k tokens); ReLU (l1 2, lr 3e-3) ~90%.
+Harder: larger ``zipf_exponent`` (rarer tail), larger ``mean_active``, or a smaller ``d_in / n_features`` ratio.
 """
 
 from __future__ import annotations

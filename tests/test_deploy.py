@@ -69,14 +69,8 @@ def clean_env() -> dict[str, str]:
 
 # --- Compose ------------------------------------------------------------------------------------------------------
 
-def _compose_tools() -> list[list[str]]:
-    tools = [["docker-compose"]]
-    tools.append(["docker", "compose"])
-    return tools
-
-
 @pytest.mark.parametrize("files", [[BASE], [BASE, GPU]], ids=["base", "base+gpu"])
-@pytest.mark.parametrize("tool", _compose_tools(), ids=lambda t: " ".join(t))
+@pytest.mark.parametrize("tool", [["docker-compose"], ["docker", "compose"]], ids=["compose-1.29", "compose-v2"])
 def test_compose_config_is_accepted(tool, files):
     if shutil.which(tool[0]) is None:
         pytest.skip(f"{tool[0]} is not installed")

@@ -29,6 +29,7 @@ from streamd.model import (
     site_module,
     strip_quantization,
 )
+from streamd.sources import kjv, pydoc_topics
 
 ARCHS = ("llama", "gpt2", "gpt_neox")
 N_LAYERS = 4
@@ -238,6 +239,25 @@ def test_capture_stops_after_deepest_layer_and_matches_full_run(loaded):
         torch.testing.assert_close(acts[(s, layer)], manual[s], rtol=0, atol=0)
 
 
+def test_capture_of_last_block_skips_final_norm_and_lm_head(tiny_llama_dir):
+    lm = load_frozen_model(str(tiny_llama_dir), "float32", "cpu")
+    last = lm.n_layers - 1
+    window = next(pack_documents(lm.tokenizer, pydoc_topics(), 32))
+    ids = window.input_ids[None]
+    calls, handles = _count_calls([lm.model.base_model.norm, lm.model.get_output_embeddings()])
+    with ActivationCapture(lm.model, [SiteSpec(layer=last)]) as cap:
+        acts = cap(ids)
+    assert calls["n"] == 0
+    manual = []
+    handles.append(blocks(lm.model)[last].register_forward_hook(lambda _m, _i, out: manual.append(out)))
+    with torch.inference_mode():
+        lm.model(ids)
+    for h in handles:
+        h.remove()
+    assert calls["n"] == 2
+    torch.testing.assert_close(acts[("resid_post", last)], manual[0], rtol=0, atol=0)
+
+
 def test_capture_removes_its_hooks_on_close(loaded):
     model = loaded.model
     modules = [site_module(model, s, 2) for s in ("resid_post", "mlp_out", "attn_out")]
@@ -289,7 +309,9 @@ def test_packing_layout_and_determinism():
     docs = ["the word", "in the beginning was the word and the word was with the text"]
     T = 8
     first, second = list(pack_documents(TOK, docs, T)), list(pack_documents(TOK, docs, T))
-    assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.keep_mask, b.keep_mask) for a, b in zip(first, second))
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.keep_mask, b.keep_mask)
     a = TOK(docs[0], add_special_tokens=False).input_ids
     w0 = first[0]
     assert w0.input_ids[: 1 + len(a) + 1].tolist() == [TOK.bos_token_id, *a, TOK.bos_token_id]  # BOS separates docs
@@ -298,10 +320,7 @@ def test_packing_layout_and_determinism():
 
 
 def test_pack_shipped_corpus_counts_agree():
-    from streamd.config import SourceConfig
-    from streamd.sources import iter_source
-
-    docs = [d for _, d in zip(range(300), iter_source(SourceConfig(corpus="kjv")))]
+    docs = [d for _, d in zip(range(300), kjv())]
     windows = list(pack_documents(TOK, docs, 128))
     assert sum(int(w.keep_mask.sum()) for w in windows) == count_tokens(TOK, docs) > 10_000
 

@@ -3,7 +3,6 @@ live /metrics endpoint."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 

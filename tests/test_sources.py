@@ -51,17 +51,19 @@ def test_fortunes_parsing(tmp_path, monkeypatch):
 
 def test_txt_blocks_jsonl_and_globs(tmp_path):
     (tmp_path / "a.txt").write_text("first para\nsecond line\n\n\nnext para\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "from json", "id": 1}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "from json", "id": 1}) + "\n\n" + '{"text": "two"}\n')
     sub = tmp_path / "sub"
     sub.mkdir()
     (sub / "c.txt").write_text("deep")
-    cfg = SourceConfig(kind="files", paths=[str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl"), str(tmp_path / "**/c.txt")])
+    globs = [str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl"), str(tmp_path / "**/c.txt")]
+    cfg = SourceConfig(kind="files", paths=globs)
     assert list(iter_source(cfg)) == ["first para\nsecond line", "next para", "from json", "two", "deep"]
 
 
 def test_jsonl_custom_field(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')
-    assert list(iter_source(SourceConfig(kind="files", paths=[str(tmp_path / "d.jsonl")], text_field="body"))) == ["x", "y"]
+    cfg = SourceConfig(kind="files", paths=[str(tmp_path / "d.jsonl")], text_field="body")
+    assert list(iter_source(cfg)) == ["x", "y"]
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,8 @@ def load_exported(cfg_dict: dict, tensors: dict[str, Tensor]) -> SAE:
         raise ValueError("only apply_b_dec_to_input=True checkpoints are supported")
     d_in, d_sae = tensors["W_enc"].shape
     cls = _INFERENCE[arch]
-    cfg = SAEConfig(name="exported", architecture=cls.architecture, d_sae=d_sae, k=cfg_dict.get("k", 1))
+    k = int(cfg_dict["k"]) if arch == "topk" else 1  # k only matters to topk
+    cfg = SAEConfig(name="exported", architecture=cls.architecture, d_sae=d_sae, k=k)
     # the init is overwritten below; a fixed generator keeps loading from touching the global RNG
     sae = cls(cfg, d_in, torch.Generator().manual_seed(0)).to(device=tensors["W_enc"].device, dtype=tensors["W_enc"].dtype)
     sae.load_state_dict(tensors, strict=True)

@@ -1,7 +1,7 @@
 """TopK SAE (Gao et al. 2024): keep the k largest pre-activations per token, unit-norm decoder, AuxK.
 
-AuxK: the ``aux_k`` largest pre-activations among dead latents reconstruct the main model's residual error; this
-gives dead latents a gradient towards directions the live ones miss. Weight ``aux_coefficient`` (paper: 1/32),
+AuxK: the ``aux_k`` largest pre-activations among dead latents reconstruct the main model's residual error (through
+``W_dec``, no bias); this gives dead latents a gradient towards directions the live ones miss. Weight ``aux_coefficient`` (paper: 1/32),
 scaled down when fewer than ``aux_k`` latents are dead (as SAELens does).
 """
 
@@ -46,7 +46,8 @@ class TopKSAE(SAE):
         k = min(aux_k, n_dead)
         masked = pre.masked_fill(~dead_mask, float("-inf"))
         vals, idx = masked.topk(k, dim=-1, sorted=False)
-        aux_f = torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+        # no ReLU: dead latents' pre-activations are mostly negative, and a ReLU would cut off their gradient
+        aux_f = torch.zeros_like(pre).scatter_(-1, idx, vals)
         return min(n_dead / aux_k, 1.0) * sum_sq(aux_f @ self.W_dec - residual)
 
     def saelens_cfg(self) -> dict:
