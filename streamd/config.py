@@ -10,11 +10,11 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 Site = Literal["resid_post", "mlp_out", "attn_out"]
 ModelDType = Literal["float32", "bfloat16", "float16"]
@@ -52,7 +52,10 @@ class KafkaSecurity(Strict):
 
 
 class KafkaConfig(Strict):
-    bootstrap_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:9092"], min_length=1)
+    # NoDecode: from the environment, "host:9092,host2:9092" is split by _split rather than parsed as JSON.
+    bootstrap_servers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1:9092"], min_length=1
+    )
     topic: str = Field("streamd.activations", pattern=r"^[A-Za-z0-9._-]{1,249}$")
     partitions: int = Field(4, ge=1, le=1024, description="used when streamd creates the topic")
     replication_factor: int = Field(1, ge=1)
@@ -126,7 +129,7 @@ class ProducerConfig(Strict):
 class SAEConfig(Strict):
     """One SAE of a run; several may train on the same batches (a sweep)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$", description="also a directory name")
     architecture: Architecture = "topk"
     expansion_factor: int = Field(8, ge=1)
     d_sae: int | None = Field(None, ge=1, description="overrides expansion_factor")

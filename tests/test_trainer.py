@@ -47,7 +47,12 @@ def test_sigkill_and_resume_lose_nothing(kafka_cfg, tmp_path):
     )
     try:
         deadline = time.monotonic() + 90
-        while (_latest_tokens(run) or 0) < 6000:
+        def trained_past_checkpoint() -> bool:
+            ck = _latest_tokens(run) or 0
+            lines = (run / "trace1.jsonl").read_text().split("\n")[:-1] if ck else []  # complete lines
+            return ck >= 6000 and bool(lines) and json.loads(lines[-1])["tokens"] > ck
+
+        while not trained_past_checkpoint():
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "first run made no checkpoint"
             time.sleep(0.2)
