@@ -160,7 +160,7 @@ def cmd_eval(args) -> int:
 
     cfg = _config(args)
     for name, r in eval_checkpoint(cfg, args.checkpoint, n_docs=args.docs).items():
-        print(name, " ".join(f"{k}={v:.4f}" for k, v in r.items()))
+        print(name, " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in r.items()), flush=True)
     return 0
 
 
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
     try:
         return args.func(args)
     except ConfigError as e:

@@ -62,6 +62,10 @@ class KafkaConfig(Strict):
     session_timeout_ms: int = Field(6000, ge=1000, description="group join takes about half of this")
     request_timeout_ms: int = Field(30000, ge=1000)
     security: KafkaSecurity = Field(default_factory=KafkaSecurity)
+    generation_seconds: int | None = Field(
+        None, ge=1, description="write to TOPIC.gNNNNNNNNNN, a new topic every this many seconds, so the trainer can "
+        "delete generations it has trained and checkpointed (bounded broker footprint without broker retention)",
+    )
 
     @field_validator("bootstrap_servers", mode="before")
     @classmethod
@@ -119,6 +123,8 @@ class ProducerConfig(Strict):
     producer_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", max_length=255)
     max_message_bytes: int = Field(1_000_000, ge=4096, le=128 * 2**20)
     queue_max_messages: int = Field(64, ge=1, description="bounded send queue; the model waits when full")
+    lag_url: str | None = Field(None, description="trainer's base URL; with max_lag_messages, wait for it to keep up")
+    max_lag_messages: int | None = Field(None, ge=1, description="most messages published but not yet consumed")
     include_token_ids: bool = True
     torch_threads: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)

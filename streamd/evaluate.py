@@ -7,13 +7,28 @@ scored: BOS and padding are never trained on, so replacing them would measure so
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
+import re
 from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import Tensor
 
-from streamd.config import SiteSpec
-from streamd.model import LoadedModel, first_tensor, pack_documents, site_module
+from streamd.checkpoints import LATEST, MANIFEST, SAE_CFG, read_manifest
+from streamd.config import SiteSpec, StreamdConfig
+from streamd.model import (
+    ActivationCapture, LoadedModel, configure_threads, first_tensor, load_frozen_model, pack_documents, site_id_hex,
+    site_module,
+)
+from streamd.pull import _cache_dir, load_sae, pull
+from streamd.sae import SAE
+from streamd.sources import iter_source
+
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -78,4 +93,109 @@ def ce_loss_score(
     gap = out["ce_zero"] - out["ce_clean"]
     out["ce_loss_score"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap != 0 else float("nan")
     out["n_tokens"] = n
+    return out
+
+
+# Held-out text: ``EVAL_SKIP_DOCS`` documents into the source, past the ones a run's first messages (the trainer's
+# eval set and norm estimate) come from. A run that looped over its corpus has trained on these documents too; a
+# dictionary far smaller than the tokens it saw cannot memorise them, so this stays a fair measure.
+EVAL_SKIP_DOCS = 500
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
+
+
+def _sae_dirs(path: Path) -> tuple[dict[str, Path], dict]:
+    """({name: SAE directory}, manifest or {}) of an SAE directory, a checkpoint directory, or a run directory."""
+    if (path / SAE_CFG).is_file():
+        return {path.name: path}, {}
+    for ckpts in (path, path / "checkpoints"):
+        if (ckpts / LATEST).is_file():
+            path = ckpts / (ckpts / LATEST).read_text().strip()
+            break
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path} is not an SAE, checkpoint, or run directory with a latest checkpoint")
+    manifest = read_manifest(path)
+    return {name: path / name for name in manifest["saes"]}, manifest
+
+
+def _site_of(sae_dir: Path) -> SiteSpec:
+    hook = json.loads((sae_dir / SAE_CFG).read_text())["metadata"]["hook_name"]
+    m = _HOOK_RE.match(hook or "")
+    if m is None:
+        raise ValueError(f"{sae_dir / SAE_CFG}: hook_name {hook!r} is not blocks.LAYER.hook_SITE")
+    return SiteSpec(layer=int(m.group(1)), site=m.group(2))
+
+
+def held_out_texts(cfg: StreamdConfig, n_docs: int, skip_docs: int = EVAL_SKIP_DOCS) -> list[str]:
+    """``n_docs`` documents of ``cfg.producer.source`` after the first ``skip_docs`` (one pass, no looping); a
+    source too short for that gives its last ``n_docs``."""
+    source = cfg.producer.source
+    if source.kind == "kafka":
+        raise ValueError("eval reads text from a corpus, files or stdin: a kafka text source would take documents "
+                         "from the producers' consumer group")
+    docs = list(itertools.islice(iter_source(source.model_copy(update={"loop": False})), skip_docs + n_docs))
+    return docs[skip_docs:] if len(docs) == skip_docs + n_docs else docs[-n_docs:]
+
+
+@torch.inference_mode()
+def _site_activations(loaded: LoadedModel, site: SiteSpec, texts: list[str], context_length: int,
+                      batch_size: int) -> Tensor:
+    """float32 activations ``[N, d]`` of the published positions, in the windows ``ce_loss_score`` splices."""
+    windows = list(pack_documents(loaded.tokenizer, texts, context_length))
+    device = next(loaded.model.parameters()).device
+    out = []
+    with ActivationCapture(loaded.model, [site]) as capture:
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            acts = capture(torch.stack([w.input_ids for w in batch]).to(device))[(site.site, site.layer)]
+            out.append(acts[torch.stack([w.keep_mask for w in batch]).to(device)].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _fvu_l0(sae: SAE, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
+    err = l0 = 0.0
+    for chunk in x.split(batch_size):
+        f = sae.encode(chunk)
+        err += float((sae.decode(f) - chunk).pow(2).sum())
+        l0 += float((f > 0).sum())
+    return {"fvu": err / max(float((x - x.mean(0)).pow(2).sum()), 1e-12), "l0": l0 / len(x)}
+
+
+def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
+                    skip_docs: int = EVAL_SKIP_DOCS) -> dict[str, dict[str, float]]:
+    """Per SAE of a checkpoint: ce_clean, ce_sae, ce_zero, kl_sae, ce_loss_score, n_tokens, and fvu / l0 on the
+    same held-out activations.
+
+    ``checkpoint`` is an SAE, checkpoint or run directory, or a trainer's URL (the whole latest checkpoint is pulled
+    into the ``load_sae`` cache, with ``metrics.checkpoint_token``). The model comes from ``cfg.producer``
+    (model_path, dtype, device, context_length, batch_size); the site from each SAE's ``hook_name``; the text from
+    :func:`held_out_texts`.
+    """
+    if urlsplit(checkpoint).scheme in ("http", "https"):
+        token = cfg.metrics.checkpoint_token
+        path = pull(checkpoint, _cache_dir() / urlsplit(checkpoint).netloc.replace(":", "_"),
+                    token=token.get_secret_value() if token else None)
+    else:
+        path = Path(checkpoint)
+    sae_dirs, manifest = _sae_dirs(path)
+    p = cfg.producer
+    configure_threads(p.torch_threads)
+    loaded = load_frozen_model(p.model_path, p.dtype, p.device)
+    texts = held_out_texts(cfg, n_docs, skip_docs)
+    acts: dict[tuple[str, int], Tensor] = {}
+    out = {}
+    for name, sae_dir in sae_dirs.items():
+        site = _site_of(sae_dir)
+        sae = load_sae(sae_dir).to(p.device)
+        if sae.d_in != loaded.d_model:
+            raise ValueError(f"SAE {name} has d_in {sae.d_in}, the model's d_model is {loaded.d_model}")
+        trained_on = manifest.get("site_id")
+        if trained_on and trained_on != site_id_hex(loaded.model_hash, site.site, site.layer):
+            log.warning("SAE %s was trained on site id %s; %s of this model has another: is it the same model?",
+                        name, trained_on, site.hook_name)
+        out[name] = ce_loss_score(loaded, site, sae, texts, p.context_length, p.batch_size)
+        key = (site.site, site.layer)
+        if key not in acts:
+            acts[key] = _site_activations(loaded, site, texts, p.context_length, p.batch_size)
+        out[name].update(_fvu_l0(sae, acts[key]))
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ from typing import Protocol
 
 import torch
 from kafka import OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from streamd import wire
 from streamd.config import KafkaConfig
-from streamd.kafka import make_consumer
+from streamd.kafka import delete_topic, generation_pattern, make_consumer
 from streamd.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,8 @@ class KafkaActivationSource:
         self.error: BaseException | None = None
         self.assigned = threading.Event()
         self._fresh: set[TopicPartition] = set()
+        self._to_retire: set[str] = set()
+        self._retired: set[str] = set()
 
     exhausted = False  # a stream never ends
 
@@ -139,6 +143,16 @@ class KafkaActivationSource:
     def positions(self) -> dict[SourceKey, int]:
         with self._lock:
             return dict(self._positions)
+
+    def retire(self, topic: str) -> None:
+        """Ask the consumer thread to stop reading a generation topic and delete it (it is trained and
+        checkpointed). The thread unassigns it first: a fetch of a deleted topic makes Tansu create it again."""
+        with self._lock:
+            self._to_retire.add(topic)
+            for key in [k for k in self._positions if k[0] == topic]:
+                del self._positions[key]
+            if self._commit_req:
+                self._commit_req = {k: v for k, v in self._commit_req.items() if k[0] != topic}
 
     def queued_offsets(self) -> dict[SourceKey, int]:
         return self.queue.min_offsets()
@@ -157,9 +171,13 @@ class KafkaActivationSource:
     def _run(self) -> None:
         try:
             consumer = make_consumer(self.kafka, group_id=self.group_id)
+            generations = bool(self.kafka.generation_seconds)
             try:
-                consumer.subscribe([self.topic], listener=_Rebalance(self, consumer))
+                if not generations:
+                    consumer.subscribe([self.topic], listener=_Rebalance(self, consumer))
                 while not self._stop.is_set():
+                    if generations:
+                        consumer = self._follow_generations(consumer)
                     self._maybe_commit(consumer)
                     self._update_lag(consumer)
                     polled = consumer.poll(timeout_ms=200)
@@ -202,14 +220,21 @@ class KafkaActivationSource:
         if self.pin_memory:
             acts = acts.pin_memory()
         self.metrics.tokens_consumed.labels(producer=msg.producer_id).inc(msg.n_tokens)
+        last = self.metrics.producer_last_seq.labels(producer=msg.producer_id)
+        last.set(max(last._value.get(), msg.seq))
         chunk = Chunk(acts=acts, key=key, offset=rec.offset, producer_id=msg.producer_id, seq=msg.seq)
         return self.queue.put(chunk, self._stop)
 
     def _maybe_commit(self, consumer) -> None:
         with self._lock:
             req, self._commit_req = self._commit_req, None
-        if req:
-            consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in req.items()})
+        if not req:
+            return
+        try:
+            consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in req.items()},
+                            timeout_ms=10_000)
+        except KafkaError as e:  # the checkpoint holds these offsets too, and they win on resume
+            log.warning("committing offsets to group %s failed: %s", self.group_id, e)
 
     _lag_at = 0.0
 
@@ -225,6 +250,50 @@ class KafkaActivationSource:
         for tp, end in ends.items():
             pos = self._positions.get((tp.topic, tp.partition), 0)
             self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(end - pos, 0))
+
+    _generations_at = 0.0
+
+    def _follow_generations(self, consumer):
+        """Generation mode: assign every partition of every generation topic, checked every few seconds. A group
+        subscription would pause consumption for a rebalance (seconds) at each new topic; one trainer per group
+        reads the whole stream anyway, and commits still go to the group. Returns the consumer to use next."""
+        with self._lock:
+            retiring, self._to_retire = self._to_retire, set()
+        if retiring:
+            consumer = self._retire_now(consumer, retiring)
+        if time.monotonic() - self._generations_at < 3:
+            return consumer
+        self._generations_at = time.monotonic()
+        pattern = re.compile(generation_pattern(self.topic))
+        topics = [t for t in consumer.topics() if pattern.match(t) and t not in self._retired]
+        parts = {TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()}
+        current = consumer.assignment()
+        if parts != current:
+            consumer.assign(sorted(parts))
+            self._fresh |= parts - current
+            log.info("following generations: %s", sorted(topics))
+        return consumer
+
+    def _retire_now(self, consumer, topics: set[str]):
+        """Delete retired topics with a new consumer: kafka-python keeps refreshing metadata of every topic it ever
+        read, even unassigned, and Tansu re-creates a topic on a metadata request. Kept partitions resume exactly
+        where this thread stopped handing records out."""
+        keep = sorted(tp for tp in consumer.assignment() if tp.topic not in topics)
+        consumer.close(autocommit=False)
+        for topic in topics:
+            delete_topic(self.kafka, topic)
+            self.metrics.generations_retired.inc()
+            log.info("retired generation topic %s (trained and checkpointed)", topic)
+        self._retired |= topics
+        consumer = make_consumer(self.kafka, group_id=self.group_id)
+        consumer.assign(keep)
+        positions = self.positions()
+        for tp in keep:
+            if (tp.topic, tp.partition) in positions:
+                consumer.seek(tp, positions[(tp.topic, tp.partition)])
+            else:
+                self._fresh.add(tp)
+        return consumer
 
     def _position_assigned(self, consumer) -> set[TopicPartition]:
         """Place newly assigned partitions (paused by the listener): checkpoint offsets win over the group's

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from typing import Any
 
 import kafka.errors as kerr
 import kafka.record.util
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamd.config import KafkaConfig
 
@@ -164,3 +165,34 @@ def delete_topic(cfg: KafkaConfig, topic: str | None = None) -> None:
         pass
     finally:
         admin.close()
+
+
+def generation_of(cfg: KafkaConfig, now: float) -> int:
+    """The topic generation a producer writes to at wall-clock ``now`` (aligned across producers)."""
+    return int(now // cfg.generation_seconds)
+
+
+def topic_for(cfg: KafkaConfig, base: str, now: float) -> str:
+    """The topic to write ``base``'s activations to now: ``base`` itself, or its current generation."""
+    return f"{base}.g{generation_of(cfg, now):010d}" if cfg.generation_seconds else base
+
+
+def generation_pattern(base: str) -> str:
+    """The regex a consumer subscribes to, to read every generation of ``base``."""
+    return rf"^{re.escape(base)}\.g\d{{10}}$"
+
+
+def parse_generation(topic: str) -> int | None:
+    m = re.search(r"\.g(\d{10})$", topic)
+    return int(m.group(1)) if m else None
+
+
+def end_offsets(cfg: KafkaConfig, topics: list[str]) -> dict[tuple[str, int], int]:
+    """Log-end offset of every partition of ``topics`` (on Tansu: the base offset of the last batch + 1, a lower
+    bound of the true end; callers must only use it where an underestimate is safe)."""
+    consumer = make_consumer(cfg, group_id=None)
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        return {(tp.topic, tp.partition): off for tp, off in consumer.end_offsets(parts).items()} if parts else {}
+    finally:
+        consumer.close()

@@ -89,6 +89,9 @@ class TrainerMetrics:
 
         self.buffer_fill_ratio = Gauge("buffer_fill_ratio", "Shuffle buffer fill, 0..1.", namespace=ns, registry=reg)
         self.buffer_tokens = Gauge("buffer_tokens", "Tokens held in the shuffle buffer.", namespace=ns, registry=reg)
+        self.producer_last_seq = Gauge("producer_last_seq", "Highest sequence number consumed from each producer "
+                                       "(producers compare it with their own to wait for a trainer that lags).",
+                                       ["producer"], namespace=ns, registry=reg)
         self.tokens_consumed = Counter("tokens_consumed", "Tokens consumed from Kafka, by the producer that sent them.",
                                        ["producer"], namespace=ns, registry=reg)
         self.consumer_lag = Gauge("consumer_lag", "Messages between the committed/fetch position and the end offset.",
@@ -104,6 +107,8 @@ class TrainerMetrics:
         self.offset_resets = Counter("offset_resets", "Times the consumer position was reset (out of range, lost).",
                                      namespace=ns, registry=reg)
 
+        self.generations_retired = Counter("generations_retired", "Generation topics deleted after being trained "
+                                           "and checkpointed in full.", namespace=ns, registry=reg)
         self.checkpoints = Counter("checkpoints", "Checkpoints written successfully.", namespace=ns, registry=reg)
         self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint writes that failed.", namespace=ns,
                                            registry=reg)
@@ -182,10 +187,12 @@ class ProducerMetrics:
                                          namespace=ns, registry=reg)
         self.publish_errors = Counter("publish_errors", "Failed publishes, by kind.", ["producer", "kind"],
                                       namespace=ns, registry=reg)
+        self.stream_lag_messages = Gauge("stream_lag_messages", "Messages published but not yet consumed by the "
+                                         "trainer (when producer.lag_url is set).", lab, namespace=ns, registry=reg)
         self.documents = Counter("documents", "Source documents read.", lab, namespace=ns, registry=reg)
 
         for m in (self.tokens_published, self.messages_published, self.bytes_published, self.send_queue_depth,
-                  self.send_queue_capacity, self.documents):
+                  self.send_queue_capacity, self.documents, self.stream_lag_messages):
             m.labels(producer=producer_id)
         for kind in PUBLISH_ERROR_KINDS:
             self.publish_errors.labels(producer=producer_id, kind=kind)

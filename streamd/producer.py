@@ -12,13 +12,15 @@ import logging
 import queue
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from streamd import wire
 from streamd.config import KafkaConfig, ProducerConfig, StreamdConfig
-from streamd.kafka import ensure_topic, make_producer
+from streamd.kafka import ensure_topic, make_producer, topic_for
 from streamd.metrics import ProducerMetrics, publish_error_kind
 from streamd.model import ActivationCapture, LoadedModel, configure_threads, load_frozen_model, pack_documents, site_id
 from streamd.sources import iter_source
@@ -34,7 +36,7 @@ class Publisher:
     def __init__(self, kafka: KafkaConfig, topics: list[str], metrics: ProducerMetrics, capacity: int,
                  max_request_size: int, partitions: int) -> None:
         self.kafka, self.topics, self.metrics, self.capacity = kafka, topics, metrics, capacity
-        self.partitions = partitions
+        self.partitions, self.max_request_size = partitions, max_request_size
         self.producer = make_producer(kafka, max_request_size=max_request_size)
         self._slots = threading.BoundedSemaphore(capacity)
         self._outstanding = 0
@@ -102,12 +104,26 @@ class Publisher:
         timer.daemon = True
         timer.start()
 
+    def switch_topics(self, topics: list[str]) -> None:
+        """Move to a new topic generation. Once the old one is acknowledged, the Kafka producer is replaced:
+        kafka-python refreshes metadata of every topic it ever wrote to, and Tansu re-creates a topic on a
+        metadata request, which would bring back generations the trainer deleted."""
+        had_topics = bool(self.topics)
+        self.topics = topics
+        if had_topics:
+            self._drain()
+            old, self.producer = self.producer, make_producer(self.kafka, max_request_size=self.max_request_size)
+            old.close(timeout=5)
+
+    def _drain(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._outstanding and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.02)
+        return self._outstanding == 0
+
     def close(self, timeout: float = 60.0) -> bool:
         """Wait until every message is acknowledged (or ``timeout``); returns whether all were."""
-        deadline = time.monotonic() + timeout
-        while self._outstanding and time.monotonic() < deadline:
-            time.sleep(0.05)
-        done = self._outstanding == 0
+        done = self._drain(timeout)
         self._closing.set()
         self._thread.join(timeout=5)
         self.producer.flush(timeout=5)
@@ -152,17 +168,16 @@ class ActivationProducer:
     def run(self) -> int:
         """Publish until the source ends, max_tokens, or stop(); flushes before returning the tokens published."""
         p = self.pcfg
-        for topic in set(self.topics.values()):
-            ensure_topic(self.cfg.kafka, topic, self.cfg.kafka.partitions)
-        pub = Publisher(self.cfg.kafka, sorted(set(self.topics.values())), self.metrics, p.queue_max_messages,
+        pub = Publisher(self.cfg.kafka, [], self.metrics, p.queue_max_messages,
                         max_request_size=p.max_message_bytes + 4096, partitions=self.cfg.kafka.partitions)
         key = p.producer_id.encode()
         windows = pack_documents(self.loaded.tokenizer, self._documents(), p.context_length)
         try:
             with ActivationCapture(self.loaded.model, p.sites) as capture:
                 for batch in _batches(windows, p.batch_size):
-                    if self.stop_event.is_set():
+                    if self.stop_event.is_set() or not self._wait_for_trainer():
                         break
+                    topics = self._current_topics(pub)
                     ids = torch.stack([w.input_ids for w in batch]).to(p.device)
                     keep = torch.stack([w.keep_mask for w in batch])
                     t0 = time.monotonic()
@@ -172,8 +187,7 @@ class ActivationProducer:
                     flat_ids = ids.cpu()[keep]
                     for (site, layer), a in acts.items():
                         rows = a.detach().to("cpu")[keep].to(self.wire_dtype)
-                        self._publish(pub, key, self.topics[(site, layer)], self.site_ids[(site, layer)], rows,
-                                      flat_ids)
+                        self._publish(pub, key, topics[(site, layer)], self.site_ids[(site, layer)], rows, flat_ids)
                     self.tokens += int(keep.sum())
                     if p.max_tokens is not None and self.tokens >= p.max_tokens:
                         break
@@ -181,6 +195,48 @@ class ActivationProducer:
             if not pub.close():
                 log.error("stopped with %d messages unacknowledged", pub.depth)
         return self.tokens
+
+    def _current_topics(self, pub: Publisher) -> dict[tuple[str, int], str]:
+        """Each site's topic now (its generation, when generations are on), created on first use."""
+        now = time.time()
+        topics = {k: topic_for(self.cfg.kafka, base, now) for k, base in self.topics.items()}
+        if set(topics.values()) != set(pub.topics):
+            for t in set(topics.values()) - set(pub.topics):
+                ensure_topic(self.cfg.kafka, t, self.cfg.kafka.partitions)
+            pub.switch_topics(sorted(set(topics.values())))
+        return topics
+
+    def _trainer_seq(self) -> int | None:
+        """The highest seq of ours the trainer has consumed (from its /metrics), or None if it can't be read."""
+        url = self.pcfg.lag_url.rstrip("/") + "/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                text = r.read().decode()
+        except OSError as e:
+            log.warning("cannot read the trainer's progress at %s: %s", url, e)
+            return None
+        for family in text_string_to_metric_families(text):
+            if family.name == "streamd_producer_last_seq":
+                for sample in family.samples:
+                    if sample.labels.get("producer") == self.pcfg.producer_id:
+                        return int(sample.value)
+        return -1  # the trainer has not seen us yet
+
+    def _wait_for_trainer(self) -> bool:
+        """Backpressure on a trainer that lags: wait while more than max_lag_messages of ours are unconsumed, so
+        neither the broker nor its disk fills up. Returns False if a stop came while waiting."""
+        p = self.pcfg
+        if not (p.lag_url and p.max_lag_messages):
+            return True
+        while not self.stop_event.is_set():
+            seen = self._trainer_seq()
+            lag = self.seq - 1 - seen if seen is not None else None
+            if lag is not None:
+                self.metrics.stream_lag_messages.labels(producer=p.producer_id).set(lag)
+                if lag <= p.max_lag_messages:
+                    return True
+            self.stop_event.wait(1.0)
+        return False
 
     def _publish(self, pub: Publisher, key: bytes, topic: str, sid: int, rows: torch.Tensor,
                  token_ids: torch.Tensor) -> None:

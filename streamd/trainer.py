@@ -26,6 +26,7 @@ from streamd.checkpoints import CheckpointError, CheckpointStore, SAEExport
 from streamd.config import StreamdConfig
 from streamd.history import MetricsHistory
 from streamd.ingest import ActivationSource, Chunk, FileActivationSource, KafkaActivationSource, SourceKey
+from streamd.kafka import end_offsets, ensure_topic, generation_of, parse_generation
 from streamd.learner import Learner
 from streamd.metrics import TrainerMetrics
 from streamd.serve import StatusServer
@@ -126,6 +127,7 @@ class Trainer:
         self.buffer: ShuffleBuffer | None = None
         self.keys: list[SourceKey] = []
         self._pending: Chunk | None = None
+        self._last_fill_note = 0.0
         self._norm_sample: list[torch.Tensor] = []
         self._resume_state: dict | None = None
         self._site_id: int | None = None
@@ -147,7 +149,7 @@ class Trainer:
         self.server = StatusServer(
             cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.store, self.ready,
             token=token.get_secret_value() if token else None, tls=tls,
-        )
+        ).start()  # /healthz and /readyz answer from construction on, while the first activations are awaited
 
     # --- set-up -------------------------------------------------------------------------------------------------
 
@@ -159,10 +161,9 @@ class Trainer:
             if t.d_in is not None and src.d_in != t.d_in:
                 raise ValueError(f"{path} holds d_in {src.d_in}, trainer.d_in is {t.d_in}")
             return src
-        from streamd.kafka import ensure_topic
-
         topic = t.site.topic or self.cfg.kafka.topic
-        ensure_topic(self.cfg.kafka, topic, self.cfg.kafka.partitions)
+        if not self.cfg.kafka.generation_seconds:
+            ensure_topic(self.cfg.kafka, topic, self.cfg.kafka.partitions)
         self._site_id = expected_site_id(self.cfg)
         d_in = t.d_in or (self._resume_state or {}).get("d_in")
         return KafkaActivationSource(
@@ -245,6 +246,9 @@ class Trainer:
                 self._init_models(chunk.acts.shape[1])
             self._pending = self._take(chunk)
             self.metrics.buffer_fill_ratio.set(self.buffer.fill_ratio)
+            if self.buffer.served == 0 and self.on_progress and time.monotonic() - self._last_fill_note > 10:
+                self._last_fill_note = time.monotonic()
+                self.on_progress(Progress(self.tokens, 0.0, self.buffer.fill_ratio))
         if self.scale is None:
             self._fix_scale()
         return True
@@ -329,16 +333,33 @@ class Trainer:
             self.metrics.checkpoint_failures.inc()
             return None
         self.source.commit({k: v for k, v in offsets.items() if not k[0].startswith("file:")})
+        if self.cfg.kafka.generation_seconds:
+            self._retire_generations(offsets, positions)
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_last_success.set(time.time())
         self.metrics.checkpoint_duration.set(time.monotonic() - t0)
         log.info("checkpoint %s written in %.2fs", path.name, time.monotonic() - t0)
         return path
 
+    def _retire_generations(self, offsets: dict[SourceKey, int], positions: dict[SourceKey, int]) -> None:
+        """Delete generation topics that producers have left (older than the previous generation) and whose every
+        token is trained and in a durable checkpoint: read to the log end, nothing pending in queue or buffer.
+        Tansu's end offsets can only be low, and a fetch returns whole batches, so a position at or past the
+        reported end means the last batch was read."""
+        kafka = self.cfg.kafka
+        current = generation_of(kafka, time.time())
+        old = sorted({t for t, _ in positions if (g := parse_generation(t)) is not None and g < current - 1})
+        if not old:
+            return
+        ends = end_offsets(kafka, old)
+        for topic in old:
+            parts = [k for k in ends if k[0] == topic]
+            if all(positions.get(k, 0) >= ends[k] and offsets.get(k, 0) >= positions.get(k, 0) for k in parts):
+                self.source.retire(topic)
+
     def run(self) -> int:
         """Train until max_tokens, the end of a file source, or stop(); always leaves a final checkpoint."""
         t, ck = self.tcfg, self.cfg.checkpoints
-        self.server.start()
         self.source.start()
         last_ck_tokens, last_ck_time = self.tokens, time.monotonic()
         last_eval = self.tokens

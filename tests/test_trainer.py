@@ -87,6 +87,7 @@ def test_second_trainer_on_a_run_dir_is_refused(kafka_cfg, tmp_path):
     with pytest.raises(RunLockedError, match="in use"):
         Trainer(cfg)
     t.lock.release()
+    t.server.stop()
 
 
 def test_two_runs_in_two_groups_each_see_the_whole_stream(kafka_cfg, tmp_path):
