@@ -127,8 +127,12 @@ UP_DEFAULTS: dict[str, Any] = {
     "producer.dtype": "bfloat16",
     "producer.source.loop": True,
     "checkpoints.every_tokens": 500_000,
-    "checkpoints.every_seconds": 300.0,
+    "checkpoints.every_seconds": 120.0,
     "trainer.run_dir": "runs/up",
+    # Tansu keeps every record in memory: rotate topics so trained generations can be deleted, and hold the
+    # producer back when the trainer lags, so the broker's footprint stays bounded however long it runs.
+    "kafka.generation_seconds": 120,
+    "producer.max_lag_messages": 128,
 }
 
 

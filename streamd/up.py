@@ -47,8 +47,8 @@ def run_up(cfg: StreamdConfig) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     with LocalBroker(log_dir=run_dir) as broker:
         cfg.kafka.bootstrap_servers = [broker.bootstrap]
-        cfg.producer.metrics_port = 0 if cfg.producer.metrics_port == cfg.metrics.port else cfg.producer.metrics_port
         trainer = Trainer(cfg, on_progress=lambda p: print(p.line(), flush=True))
+        cfg.producer.lag_url = cfg.producer.lag_url or trainer.server.url
         producer_log = open(run_dir / "producer.log", "ab")
         producer = subprocess.Popen(
             [sys.executable, "-m", "streamd", "produce", "--config", str(_producer_config(cfg, run_dir))],
