@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -176,12 +177,17 @@ class KafkaActivationSource:
                 if not generations:
                     consumer.subscribe([self.topic], listener=_Rebalance(self, consumer))
                 while not self._stop.is_set():
-                    if generations:
-                        consumer = self._follow_generations(consumer)
-                    self._maybe_commit(consumer)
-                    self._update_lag(consumer)
-                    polled = consumer.poll(timeout_ms=200)
-                    fresh = self._position_assigned(consumer)
+                    try:
+                        if generations:
+                            consumer = self._follow_generations(consumer)
+                        self._maybe_commit(consumer)
+                        self._check_broker(consumer)
+                        polled = consumer.poll(timeout_ms=200)
+                        fresh = self._position_assigned(consumer)
+                    except KafkaError as e:  # a broker that went away: keep trying, it may come back
+                        log.warning("Kafka error in the consumer thread, retrying in 1 s: %s", e)
+                        self._stop.wait(1.0)
+                        continue
                     for tp, records in polled.items():
                         if tp in fresh:
                             continue  # fetched before the seek below; read again from the right offset
@@ -233,13 +239,18 @@ class KafkaActivationSource:
         try:
             consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in req.items()},
                             timeout_ms=10_000)
+            self._committed_once = True
         except KafkaError as e:  # the checkpoint holds these offsets too, and they win on resume
             log.warning("committing offsets to group %s failed: %s", self.group_id, e)
 
     _lag_at = 0.0
+    _committed_once = False
 
-    def _update_lag(self, consumer) -> None:
-        """Lag from end offsets, every few seconds (right on Kafka; Tansu's end offsets are off, see README)."""
+    def _check_broker(self, consumer) -> None:
+        """Every few seconds: consumer lag from end offsets (right on Kafka; low on Tansu, see README), and a broker
+        that lost its data (Tansu's memory storage after a restart): an empty log where we had read, or the group's
+        committed offsets gone. A consumer's position survives that, and Tansu answers fetches past the end with
+        nothing, so without this the trainer would wait for the new log to grow past the old position."""
         if time.monotonic() - self._lag_at < 5:
             return
         self._lag_at = time.monotonic()
@@ -247,9 +258,20 @@ class KafkaActivationSource:
         if not parts:
             return
         ends = consumer.end_offsets(list(parts))
+        positions = self.positions()
+        lost = self._committed_once and all(consumer.committed(tp) is None for tp in parts)
         for tp, end in ends.items():
-            pos = self._positions.get((tp.topic, tp.partition), 0)
+            pos = positions.get((tp.topic, tp.partition), 0)
             self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(end - pos, 0))
+            if lost or (end == 0 and pos > 0):
+                log.warning("%s[%d]: the broker lost its log (position %d, end %d): reading from the earliest",
+                            tp.topic, tp.partition, pos, end)
+                self.metrics.offset_resets.inc()
+                consumer.seek_to_beginning(tp)
+                with self._lock:
+                    self._positions[(tp.topic, tp.partition)] = 0
+        if lost:
+            self._committed_once = False
 
     _generations_at = 0.0
 
@@ -396,8 +418,10 @@ def load_activation_file(path: Path) -> torch.Tensor:
     if path.suffix == ".npy":
         import numpy as np
 
-        arr = np.load(path, mmap_mode="r")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        arr = np.load(path, mmap_mode="r")  # chunks are copied out as they are read: the map stays read-only
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(np.ascontiguousarray(arr))
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

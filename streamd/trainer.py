@@ -29,6 +29,7 @@ from streamd.ingest import ActivationSource, Chunk, FileActivationSource, KafkaA
 from streamd.kafka import end_offsets, ensure_topic, generation_of, parse_generation
 from streamd.learner import Learner
 from streamd.metrics import TrainerMetrics
+from streamd.model import configure_threads
 from streamd.serve import StatusServer
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Trainer:
         progress_every_s: float = 5.0,
     ) -> None:
         self.cfg, self.tcfg = cfg, cfg.trainer
+        configure_threads(self.tcfg.torch_threads)
         self.device = resolve_device(self.tcfg.device)
         self.dtype = DTYPES[self.tcfg.buffer_dtype]
         self.on_progress, self.progress_every_s = on_progress, progress_every_s

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -177,3 +178,30 @@ def test_train_from_cached_file_and_replay_it(kafka_cfg, tmp_path):
     assert out.returncode == 0, out.stderr
     msgs = topic_messages(kafka_cfg)
     assert sum(n for _, _, n in msgs.values()) == 3000
+
+
+def test_trainer_rides_out_a_broker_that_restarts_empty(broker, tmp_path):
+    """Tansu with memory storage comes back empty: the trainer keeps running, notices, and reads the new log."""
+    kafka = broker.config(topic="restarts", partitions=2, session_timeout_ms=6000)
+    publish(kafka, random_acts(4000, 16, seed=7), producer_id="before", tokens_per_msg=50)
+    t = Trainer(trainer_config(kafka, tmp_path / "run", every_tokens=512))
+    worker = threading.Thread(target=t.run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while _value(t.metrics.checkpoints) < 2:
+        assert time.monotonic() < deadline and worker.is_alive()
+        time.sleep(0.1)
+    broker.kill()
+    time.sleep(3)
+    broker.restart()
+    publish(kafka, random_acts(6000, 16, seed=8), producer_id="after", tokens_per_msg=50)
+    after = t.metrics.tokens_consumed.labels(producer="after")
+    deadline = time.monotonic() + 90
+    while _value(after) < 6000:
+        assert worker.is_alive(), "the trainer died with the broker"
+        assert time.monotonic() < deadline, f"consumed {_value(after)} of 6000 tokens published after the restart"
+        time.sleep(0.2)
+    assert _value(t.metrics.offset_resets) >= 1
+    t.stop()
+    worker.join(timeout=60)
+    assert not worker.is_alive()

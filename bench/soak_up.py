@@ -1,0 +1,374 @@
+"""Soak: push a fixed volume of activations through the real ``streamd up`` and show its footprint stays bounded.
+
+Tansu keeps every record in memory (~1 GB of RSS per GB held), so ``up`` bounds the broker by writing to topic
+generations (``kafka.generation_seconds``) that the trainer deletes once trained and checkpointed, and by holding
+the producer back when it is ``producer.max_lag_messages`` ahead of the trainer. This runs ``python -m streamd up``
+as a subprocess until the producer has published ``--gb`` of activation payload (tokens x d_model x 2 bytes, fp16
+on the wire), then sends SIGINT and waits for a clean exit. Every ``--every`` seconds it samples the RSS of the
+broker (tansu), the producer and the ``up`` process (the trainer), the disk use of the run directory, the tokens
+trained, and the generation topics alive on the broker.
+
+Model: a random-initialised 2-layer LlamaForCausalLM with SmolLM2's width (d_model 576, 9 heads, 3 KV heads, MLP
+1536) and a 1024-token BPE trained here on Python's docs, hooked at resid_post of layer 1, run in bfloat16 (2x the
+tokens/s of float32 on this 2-core host). The SAE is small (topk, expansion 2, k 16) so the trainer keeps up.
+Generations of 20 s, a checkpoint every 20 s (10 s with ``--quick``, so a 0.3 GB run sees a few cycles); the rest
+is ``up``'s defaults.
+
+Verdict: a footprint is bounded if its peak from the 25% row to the end stays under 2x its value at 25%. A broker
+that kept everything would grow with the volume pushed (~1 GB per GB).
+
+Run: ``.venv/bin/python bench/soak_up.py [--quick | --gb 3] [--keep]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from _common import load_average, table
+from streamd.broker import free_port
+from streamd.config import KafkaConfig
+from streamd.kafka import generation_pattern, make_admin
+
+D_MODEL, WIRE_BYTES = 576, 2  # fp16 on the wire (producer.wire_dtype default)
+TOPIC = KafkaConfig().topic
+STALL_SECONDS = 180.0
+EXIT_SECONDS = 180.0
+
+
+def build_model(out: Path) -> None:
+    """A 2-layer random LlamaForCausalLM of d_model 576 and a byte-level BPE tokenizer, saved for from_pretrained
+    (offline: the tokenizer is trained on the standard library's docs)."""
+    import torch
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        [topics[name] for name in sorted(topics)[:60]],
+        trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|pad|>"],
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|pad|>")
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=D_MODEL, intermediate_size=1536, num_hidden_layers=2,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).eval().save_pretrained(out)
+
+
+def up_command(model: Path, run_dir: Path, metrics_port: int, producer_port: int, cycle: int) -> list[str]:
+    sets = {
+        "producer.model_path": model, "trainer.model_path": model,
+        "producer.sites": "[{site: resid_post, layer: 1}]", "trainer.site": "{site: resid_post, layer: 1}",
+        "producer.dtype": "bfloat16",
+        "trainer.saes": "[{name: soak, architecture: topk, expansion_factor: 2, k: 16}]",
+        "trainer.device": "cpu", "trainer.run_dir": run_dir,
+        "kafka.generation_seconds": cycle, "checkpoints.every_seconds": cycle, "checkpoints.every_tokens": "null",
+        "metrics.port": metrics_port, "producer.metrics_port": producer_port,
+    }
+    cmd = [sys.executable, "-m", "streamd", "--log-level", "WARNING", "up"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    return cmd
+
+
+# --- probes ---------------------------------------------------------------------------------------------------
+
+
+def rss_bytes(pid: int | None) -> int | None:
+    """VmRSS of a live process (Linux /proc), None if it is gone."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def children(pid: int) -> dict[int, list[str]]:
+    """Direct children of ``pid``: {child pid: argv}, from the parent field of /proc/*/stat."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    out[int(entry)] = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def find_roles(up_pid: int) -> tuple[int | None, int | None]:
+    """(broker pid, producer pid) among the children of the ``up`` process."""
+    broker = producer = None
+    for pid, argv in children(up_pid).items():
+        if argv and Path(argv[0]).name.startswith("tansu"):  # calfkit names it tansu-vX.Y.Z-HASH
+            broker = pid
+        elif "produce" in argv:
+            producer = pid
+    return broker, producer
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes allocated on disk under ``path`` (as du counts them)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def count_checkpoints(run_dir: Path) -> int:
+    """Complete checkpoints on disk (directories named by their token count)."""
+    try:
+        return sum(1 for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    except OSError:
+        return 0
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Samples of a /metrics endpoint by name (labels dropped: each name used here has one series), {} if down."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def live_generations(admin) -> int | None:
+    """Generation topics the broker holds now (a metadata request for all topics creates none)."""
+    if admin is None:
+        return None
+    pattern = re.compile(generation_pattern(TOPIC))
+    try:
+        return sum(1 for t in admin.list_topics() if pattern.match(t))
+    except Exception:  # the broker is stopping
+        return None
+
+
+@dataclass
+class Sample:
+    t: float
+    payload: int  # bytes of activations published (tokens x d_model x 2)
+    published_bytes: int
+    trained: int
+    broker_rss: int | None
+    producer_rss: int | None
+    up_rss: int | None
+    disk: int
+    checkpoints: int
+    generations: int | None
+    retired: int
+    lag: float | None
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+
+
+def bootstrap_from(log_path: Path) -> str | None:
+    """The broker address ``up`` prints on its 'broker' line."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith("broker "):
+            return line.split()[1]
+    return None
+
+
+def soak(volume: int, every: float, cycle: int, work: Path) -> tuple[list[Sample], dict]:
+    """Run ``up`` until ``volume`` payload bytes are published; returns (samples, how it exited)."""
+    model, run_dir = work / "model", work / "run"
+    build_model(model)
+    mport, pport = free_port(), free_port()
+    out_path = work / "up.out"
+    with open(out_path, "wb") as out:
+        up = subprocess.Popen(up_command(model, run_dir, mport, pport, cycle), stdout=out, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    samples: list[Sample] = []
+    admin, broker_pid, producer_pid = None, None, None
+    last_progress, last_payload = t0, -1
+    try:
+        while up.poll() is None:
+            if broker_pid is None or producer_pid is None:
+                broker_pid, producer_pid = find_roles(up.pid)
+            if admin is None and (bootstrap := bootstrap_from(out_path)):
+                admin = make_admin(KafkaConfig(bootstrap_servers=[bootstrap]))
+            tm, pm = scrape(mport), scrape(pport)
+            pub_tokens = int(pm.get("streamd_tokens_published_total", 0))
+            s = Sample(
+                t=time.monotonic() - t0, payload=pub_tokens * D_MODEL * WIRE_BYTES,
+                published_bytes=int(pm.get("streamd_bytes_published_total", 0)),
+                trained=int(tm.get("streamd_tokens_trained_total", 0)),
+                broker_rss=rss_bytes(broker_pid), producer_rss=rss_bytes(producer_pid), up_rss=rss_bytes(up.pid),
+                disk=disk_bytes(run_dir), checkpoints=count_checkpoints(run_dir), generations=live_generations(admin),
+                retired=int(tm.get("streamd_generations_retired_total", 0)), lag=pm.get("streamd_stream_lag_messages"),
+            )
+            samples.append(s)
+            print(f"  t {s.t:6.0f}s  pushed {s.payload / 1e9:6.3f} GB  trained {s.trained:>10,}  broker "
+                  f"{mb(s.broker_rss)} MB  producer {mb(s.producer_rss)} MB  up {mb(s.up_rss)} MB  disk "
+                  f"{mb(s.disk)} MB  generations {s.generations}  retired {s.retired}  lag {s.lag}", flush=True)
+            if s.payload >= volume:
+                break
+            if s.payload > last_payload:
+                last_progress, last_payload = time.monotonic(), s.payload
+            elif time.monotonic() - last_progress > STALL_SECONDS:
+                print(f"STALLED: nothing published for {STALL_SECONDS:.0f} s", flush=True)
+                break
+            time.sleep(every)
+        exit_info = stop(up)
+    finally:
+        if up.poll() is None:
+            up.kill()
+        if admin is not None:
+            admin.close()
+    exit_info["reached"] = bool(samples) and samples[-1].payload >= volume
+    exit_info["output_tail"] = out_path.read_text(errors="replace")[-3000:]
+    exit_info["orphans"] = [pid for pid in (broker_pid, producer_pid) if pid and rss_bytes(pid) is not None]
+    return samples, exit_info
+
+
+def stop(up: subprocess.Popen) -> dict:
+    """SIGINT ``up`` (as Ctrl-C would) and wait for it: final checkpoint, producer flushed, broker stopped."""
+    if up.poll() is not None:
+        return {"signalled": False, "rc": up.returncode, "seconds": 0.0}
+    t = time.monotonic()
+    up.send_signal(signal.SIGINT)
+    try:
+        rc = up.wait(EXIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        up.kill()
+        rc = f"killed after {EXIT_SECONDS:.0f} s"
+    return {"signalled": True, "rc": rc, "seconds": time.monotonic() - t}
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def warm(samples: list[Sample]) -> Sample | None:
+    """The first sample after warm-up: a whole cycle has run (a generation trained, checkpointed and deleted)."""
+    return next((s for s in samples if s.retired > 0), None)
+
+
+def milestones(samples: list[Sample], volume: int) -> list[tuple[str, Sample]]:
+    """The rows: warm-up over, the first sample at or past 25/50/75% of the volume, the last."""
+    rows = []
+    if (start := warm(samples)) is not None:
+        rows.append(("start", start))
+    for frac in (0.25, 0.5, 0.75):
+        hit = next((s for s in samples if s.payload >= frac * volume), None)
+        if hit is not None:
+            rows.append((f"{frac:.0%}", hit))
+    if samples:
+        rows.append(("end", samples[-1]))
+    return rows
+
+
+def report(samples: list[Sample], volume: int) -> bool:
+    """Print the table and the verdict; returns whether every footprint stayed bounded."""
+    rows, prev, out = milestones(samples, volume), None, []
+    for label, s in rows:
+        rate = "-" if prev is None or s.t <= prev.t else f"{(s.trained - prev.trained) / (s.t - prev.t):,.0f}"
+        out.append([label, f"{s.t:,.0f}", f"{s.payload / 1e9:.3f}", f"{s.trained:,}", mb(s.broker_rss),
+                    mb(s.producer_rss), mb(s.up_rss), mb(s.disk), s.checkpoints, "-" if s.generations is None else s.generations,
+                    s.retired, rate])
+        prev = s
+    print(table(["at", "elapsed s", "pushed GB", "tokens trained", "broker MB", "producer MB", "up/trainer MB",
+                 "disk MB", "ckpts", "live gens", "retired", "tok/s"], out))
+
+    quarter = next((s for s in samples if s.payload >= 0.25 * volume), None)
+    start = warm(samples)
+    if quarter is None or start is None:
+        print("no verdict: the run did not reach 25% of the volume, or never retired a generation")
+        return False
+    base_row = max(quarter, start, key=lambda s: s.t)
+    print(f"verdict (peak from the later of warm-up and 25%, t {base_row.t:.0f} s, to the end vs 2x its value there):")
+    later = [s for s in samples if s.t >= base_row.t]
+    ok = True
+    for name, get in (("broker RSS", lambda s: s.broker_rss), ("producer RSS", lambda s: s.producer_rss),
+                      ("up/trainer RSS", lambda s: s.up_rss), ("run dir disk", lambda s: s.disk)):
+        base, values = get(base_row), [v for s in later if (v := get(s)) is not None]
+        if not base or not values:
+            print(f"  {name}: not measured")
+            ok = False
+            continue
+        peak = max(values)
+        bounded = peak < 2 * base
+        ok &= bounded
+        print(f"  {name}: {mb(base)} MB then, peak after {mb(peak)} MB ({peak / base:.2f}x) -> "
+              f"{'bounded' if bounded else 'GROWING'}")
+    gens = [s.generations for s in later if s.generations is not None]
+    if gens:
+        print(f"  live generation topics from then on: min {min(gens)}, max {max(gens)}")
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gb", type=float, default=3.0, help="activation payload to push, GB (default 3)")
+    ap.add_argument("--quick", action="store_true", help="0.3 GB, 10 s cycle")
+    ap.add_argument("--cycle", type=int, help="seconds per topic generation and between checkpoints (default 20)")
+    ap.add_argument("--every", type=float, default=5.0, help="seconds between samples")
+    ap.add_argument("--keep", action="store_true", help="keep the run directory and model (printed)")
+    args = ap.parse_args()
+    volume = int((0.3 if args.quick else args.gb) * 1e9)
+    cycle = args.cycle or (10 if args.quick else 20)
+    work = Path(tempfile.mkdtemp(prefix="streamd-soak-"))
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}  {os.cpu_count()} cores, load average (1/5/15 min) {load_average()}")
+    print(f"soak: {volume / 1e9:g} GB of activation payload through `streamd up`, {cycle} s generations and "
+          f"checkpoints (work dir {work})", flush=True)
+    try:
+        samples, exit_info = soak(volume, args.every, cycle, work)
+        print()
+        ok = report(samples, volume)
+        clean = exit_info["rc"] == 0 and not exit_info["orphans"] and exit_info["reached"]
+        print(f"exit: rc {exit_info['rc']} {exit_info['seconds']:.1f} s after SIGINT"
+              f"{', left running: ' + str(exit_info['orphans']) if exit_info['orphans'] else ''}"
+              f"{'' if exit_info['reached'] else ' (stopped before the volume was pushed)'}")
+        if not clean:
+            print("--- tail of up's output ---\n" + exit_info["output_tail"])
+        print(f"verdict: {'BOUNDED' if ok else 'NOT BOUNDED'}; {'clean' if clean else 'UNCLEAN'} exit")
+        print(f"load average at end (1/5/15 min) {load_average()}")
+        return 0 if ok and clean else 1
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
