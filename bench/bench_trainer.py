@@ -13,9 +13,10 @@ Measures, for one fixed SAE (TopK, d_in 576, width 4608, k 32, batch 4096) in on
 The machine is shared, so in-memory blocks alternate with trainer runs (in-memory, run, in-memory, run, ...): each
 run is compared with the blocks on either side of it, and rates are given both over all steps and per median step.
 
-torch threads: set once for the process (``--threads``, default 2 = torch's default on a 2-core host, which is what
-``streamd train`` gets: the Trainer does not apply ``trainer.torch_threads`` yet). The ingestion thread's tensor ops
-run on their own OpenMP team of the default size. Run: ``.venv/bin/python bench/bench_trainer.py [--quick]``.
+torch threads: ``--threads`` (default 2 = torch's default on a 2-core host, what ``streamd train`` runs with when
+``trainer.torch_threads`` is unset), set for the process and as ``trainer.torch_threads``. torch's setting is per OS
+thread: the ingestion thread's tensor ops run on an OpenMP team of the default size whatever is set here.
+Run: ``.venv/bin/python bench/bench_trainer.py [--quick] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def main() -> None:
     if args.quick:
         buffer_tokens, rounds, mem_warm, mem_steps, tr_warm, tr_steps, repeats = 2**15, 1, 1, 4, 1, 5, 1
     else:
-        buffer_tokens, rounds, mem_warm, mem_steps, tr_warm, tr_steps, repeats = 2**17, 3, 2, 8, 2, 16, 3
+        buffer_tokens, rounds, mem_warm, mem_steps, tr_warm, tr_steps, repeats = 2**17, 3, 2, 10, 2, 24, 3
     max_tokens = (tr_warm + tr_steps) * BATCH
     tcfg_eval = TrainerConfig().eval_tokens
     # held-out set + buffer + one batch per step (the last step's refill is read too) + one message of slack

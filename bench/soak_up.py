@@ -11,13 +11,15 @@ trained, and the generation topics alive on the broker.
 Model: a random-initialised 2-layer LlamaForCausalLM with SmolLM2's width (d_model 576, 9 heads, 3 KV heads, MLP
 1536) and a 1024-token BPE trained here on Python's docs, hooked at resid_post of layer 1, run in bfloat16 (2x the
 tokens/s of float32 on this 2-core host). The SAE is small (topk, expansion 2, k 16) so the trainer keeps up.
-Generations of 20 s, a checkpoint every 20 s (10 s with ``--quick``, so a 0.3 GB run sees a few cycles); the rest
-is ``up``'s defaults.
+Generations of 20 s, a checkpoint every 20 s; the rest is ``up``'s defaults. A generation is deleted only once all
+its tokens have left the shuffle buffer, which takes up to ``trainer.max_token_age_buffers`` (8) buffer-fulls of
+65,536 tokens: ~0.6 GB of payload before the first deletion. ``--quick`` (0.3 GB) therefore also sets 10 s
+generations and checkpoints and a max token age of 2 buffers, so the delete cycle runs within it.
 
 Verdict: a footprint is bounded if its peak from the 25% row to the end stays under 2x its value at 25%. A broker
 that kept everything would grow with the volume pushed (~1 GB per GB).
 
-Run: ``.venv/bin/python bench/soak_up.py [--quick | --gb 3] [--keep]``.
+Run: ``.venv/bin/python bench/soak_up.py [--quick | --gb 3] [--set SECTION.FIELD=VALUE ...] [--keep]``.
 """
 
 from __future__ import annotations
@@ -75,18 +77,24 @@ def build_model(out: Path) -> None:
     LlamaForCausalLM(cfg).eval().save_pretrained(out)
 
 
-def up_command(model: Path, run_dir: Path, metrics_port: int, producer_port: int, cycle: int) -> list[str]:
-    sets = {
-        "producer.model_path": model, "trainer.model_path": model,
-        "producer.sites": "[{site: resid_post, layer: 1}]", "trainer.site": "{site: resid_post, layer: 1}",
-        "producer.dtype": "bfloat16",
-        "trainer.saes": "[{name: soak, architecture: topk, expansion_factor: 2, k: 16}]",
-        "trainer.device": "cpu", "trainer.run_dir": run_dir,
-        "kafka.generation_seconds": cycle, "checkpoints.every_seconds": cycle, "checkpoints.every_tokens": "null",
-        "metrics.port": metrics_port, "producer.metrics_port": producer_port,
-    }
+# The soak's settings on top of up's defaults (model, run dir and ports are added per run).
+SOAK_SETS = {
+    "producer.sites": "[{site: resid_post, layer: 1}]", "trainer.site": "{site: resid_post, layer: 1}",
+    "producer.dtype": "bfloat16", "trainer.device": "cpu",
+    "trainer.saes": "[{name: soak, architecture: topk, expansion_factor: 2, k: 16}]",
+    "kafka.generation_seconds": "20", "checkpoints.every_seconds": "20", "checkpoints.every_tokens": "null",
+}
+QUICK_SETS = {"kafka.generation_seconds": "5", "checkpoints.every_seconds": "5",
+              "trainer.max_token_age_buffers": "1"}
+
+
+def up_command(model: Path, run_dir: Path, metrics_port: int, producer_port: int, sets: dict[str, str]) -> list[str]:
+    """``python -m streamd up`` with the soak's settings, then ``sets`` (later wins)."""
+    every = {**SOAK_SETS, "producer.model_path": str(model), "trainer.model_path": str(model),
+             "trainer.run_dir": str(run_dir), "metrics.port": str(metrics_port),
+             "producer.metrics_port": str(producer_port), **sets}
     cmd = [sys.executable, "-m", "streamd", "--log-level", "WARNING", "up"]
-    for key, value in sets.items():
+    for key, value in every.items():
         cmd += ["--set", f"{key}={value}"]
     return cmd
 
@@ -204,14 +212,14 @@ def bootstrap_from(log_path: Path) -> str | None:
     return None
 
 
-def soak(volume: int, every: float, cycle: int, work: Path) -> tuple[list[Sample], dict]:
+def soak(volume: int, every: float, sets: dict[str, str], work: Path) -> tuple[list[Sample], dict]:
     """Run ``up`` until ``volume`` payload bytes are published; returns (samples, how it exited)."""
     model, run_dir = work / "model", work / "run"
     build_model(model)
     mport, pport = free_port(), free_port()
     out_path = work / "up.out"
     with open(out_path, "wb") as out:
-        up = subprocess.Popen(up_command(model, run_dir, mport, pport, cycle), stdout=out, stderr=subprocess.STDOUT,
+        up = subprocess.Popen(up_command(model, run_dir, mport, pport, sets), stdout=out, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL)
     t0 = time.monotonic()
     samples: list[Sample] = []
@@ -294,11 +302,11 @@ def milestones(samples: list[Sample], volume: int) -> list[tuple[str, Sample]]:
             rows.append((f"{frac:.0%}", hit))
     if samples:
         rows.append(("end", samples[-1]))
-    return rows
+    return sorted(rows, key=lambda row: row[1].t)
 
 
-def report(samples: list[Sample], volume: int) -> bool:
-    """Print the table and the verdict; returns whether every footprint stayed bounded."""
+def report(samples: list[Sample], volume: int) -> bool | None:
+    """Print the table and the verdict; returns whether every footprint stayed bounded (None: too short to tell)."""
     rows, prev, out = milestones(samples, volume), None, []
     for label, s in rows:
         rate = "-" if prev is None or s.t <= prev.t else f"{(s.trained - prev.trained) / (s.t - prev.t):,.0f}"
@@ -312,8 +320,9 @@ def report(samples: list[Sample], volume: int) -> bool:
     quarter = next((s for s in samples if s.payload >= 0.25 * volume), None)
     start = warm(samples)
     if quarter is None or start is None:
-        print("no verdict: the run did not reach 25% of the volume, or never retired a generation")
-        return False
+        print("no verdict: the run did not reach 25% of the volume, or retired no generation (too short: a generation "
+              "is deleted only once all its tokens have left the shuffle buffer, up to 8 buffer-fulls later)")
+        return None
     base_row = max(quarter, start, key=lambda s: s.t)
     print(f"verdict (peak from the later of warm-up and 25%, t {base_row.t:.0f} s, to the end vs 2x its value there):")
     later = [s for s in samples if s.t >= base_row.t]
@@ -339,19 +348,20 @@ def report(samples: list[Sample], volume: int) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gb", type=float, default=3.0, help="activation payload to push, GB (default 3)")
-    ap.add_argument("--quick", action="store_true", help="0.3 GB, 10 s cycle")
-    ap.add_argument("--cycle", type=int, help="seconds per topic generation and between checkpoints (default 20)")
+    ap.add_argument("--quick", action="store_true", help="0.3 GB, with a faster delete cycle (see above)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="passed on to `streamd up` after the soak's own settings (repeatable)")
     ap.add_argument("--every", type=float, default=5.0, help="seconds between samples")
     ap.add_argument("--keep", action="store_true", help="keep the run directory and model (printed)")
     args = ap.parse_args()
     volume = int((0.3 if args.quick else args.gb) * 1e9)
-    cycle = args.cycle or (10 if args.quick else 20)
+    sets = {**(QUICK_SETS if args.quick else {}), **dict(item.split("=", 1) for item in args.set)}
     work = Path(tempfile.mkdtemp(prefix="streamd-soak-"))
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  {os.cpu_count()} cores, load average (1/5/15 min) {load_average()}")
-    print(f"soak: {volume / 1e9:g} GB of activation payload through `streamd up`, {cycle} s generations and "
-          f"checkpoints (work dir {work})", flush=True)
+    print(f"soak: {volume / 1e9:g} GB of activation payload through `streamd up` (work dir {work}); settings:")
+    print("  " + " ".join(f"{k}={v}" for k, v in {**SOAK_SETS, **sets}.items()), flush=True)
     try:
-        samples, exit_info = soak(volume, args.every, cycle, work)
+        samples, exit_info = soak(volume, args.every, sets, work)
         print()
         ok = report(samples, volume)
         clean = exit_info["rc"] == 0 and not exit_info["orphans"] and exit_info["reached"]
@@ -360,9 +370,10 @@ def main() -> int:
               f"{'' if exit_info['reached'] else ' (stopped before the volume was pushed)'}")
         if not clean:
             print("--- tail of up's output ---\n" + exit_info["output_tail"])
-        print(f"verdict: {'BOUNDED' if ok else 'NOT BOUNDED'}; {'clean' if clean else 'UNCLEAN'} exit")
+        verdict = {True: "BOUNDED", False: "NOT BOUNDED", None: "none (too short)"}[ok]
+        print(f"verdict: {verdict}; {'clean' if clean else 'UNCLEAN'} exit")
         print(f"load average at end (1/5/15 min) {load_average()}")
-        return 0 if ok and clean else 1
+        return 0 if ok is not False and clean else 1
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kafka.errors import KafkaError
+
 from streamd.config import ConfigError, StreamdConfig, dump_config, load_config
 
 log = logging.getLogger("streamd")
@@ -251,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"streamd: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except KafkaError as e:
+        print(f"streamd: Kafka error: {e} (is the broker reachable?)", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"streamd: error: {e}", file=sys.stderr)
         return 1
 

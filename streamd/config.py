@@ -252,6 +252,8 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
         tree = tree.setdefault(p, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{dotted}: {p} is set to a value, it cannot also hold fields")
     tree[leaf] = value
 
 

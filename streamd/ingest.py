@@ -129,6 +129,7 @@ class KafkaActivationSource:
         self.assigned = threading.Event()
         self._fresh: set[TopicPartition] = set()
         self._to_retire: set[str] = set()
+        self._committed_parts: set[SourceKey] = set()  # partitions whose committed offset we wrote
         self._retired: set[str] = set()
 
     exhausted = False  # a stream never ends
@@ -177,6 +178,7 @@ class KafkaActivationSource:
                 if not generations:
                     consumer.subscribe([self.topic], listener=_Rebalance(self, consumer))
                 while not self._stop.is_set():
+                    polled: dict = {}
                     try:
                         if generations:
                             consumer = self._follow_generations(consumer)
@@ -186,14 +188,16 @@ class KafkaActivationSource:
                         fresh = self._position_assigned(consumer)
                     except KafkaError as e:  # a broker that went away: keep trying, it may come back
                         log.warning("Kafka error in the consumer thread, retrying in 1 s: %s", e)
+                        for tp, records in polled.items():  # fetched but not handed out: fetch them again
+                            if records and tp in consumer.assignment():
+                                consumer.seek(tp, records[0].offset)
                         self._stop.wait(1.0)
                         continue
                     for tp, records in polled.items():
                         if tp in fresh:
                             continue  # fetched before the seek below; read again from the right offset
-                        for rec in records:
-                            if not self._handle(tp, rec):
-                                return
+                        if not all(self._handle(tp, rec) for rec in records):
+                            break  # stopping: leave the loop through the final commit below
                 self._maybe_commit(consumer)
             finally:
                 consumer.close(autocommit=False)
@@ -202,9 +206,8 @@ class KafkaActivationSource:
             self.error = e
 
     def _handle(self, tp: TopicPartition, rec) -> bool:
+        """Validate one record and queue it; False when a stop came while the queue was full."""
         key = (tp.topic, tp.partition)
-        with self._lock:
-            self._positions[key] = rec.offset + 1
         size = len(rec.value) if rec.value is not None else 0
         self.metrics.messages_consumed.inc()
         self.metrics.bytes_consumed.inc(size)
@@ -219,6 +222,7 @@ class KafkaActivationSource:
         except (wire.WireError, _Reject) as e:
             self.metrics.messages_rejected.labels(reason=e.reason).inc()
             log.warning("rejected message %s[%d]@%d: %s", tp.topic, tp.partition, rec.offset, e)
+            self._advance(key, rec.offset)
             return True
         if rec.offset < self.reread_below.get(key, -1):
             self.metrics.duplicates_reread.inc()
@@ -229,7 +233,14 @@ class KafkaActivationSource:
         last = self.metrics.producer_last_seq.labels(producer=msg.producer_id)
         last.set(max(last._value.get(), msg.seq))
         chunk = Chunk(acts=acts, key=key, offset=rec.offset, producer_id=msg.producer_id, seq=msg.seq)
-        return self.queue.put(chunk, self._stop)
+        if not self.queue.put(chunk, self._stop):
+            return False  # never handed out: the position stays on it
+        self._advance(key, rec.offset)  # only after the put: positions never run ahead of the queue
+        return True
+
+    def _advance(self, key: SourceKey, offset: int) -> None:
+        with self._lock:
+            self._positions[key] = offset + 1
 
     def _maybe_commit(self, consumer) -> None:
         with self._lock:
@@ -239,12 +250,11 @@ class KafkaActivationSource:
         try:
             consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in req.items()},
                             timeout_ms=10_000)
-            self._committed_once = True
+            self._committed_parts |= set(req)
         except KafkaError as e:  # the checkpoint holds these offsets too, and they win on resume
             log.warning("committing offsets to group %s failed: %s", self.group_id, e)
 
     _lag_at = 0.0
-    _committed_once = False
 
     def _check_broker(self, consumer) -> None:
         """Every few seconds: consumer lag from end offsets (right on Kafka; low on Tansu, see README), and a broker
@@ -259,7 +269,8 @@ class KafkaActivationSource:
             return
         ends = consumer.end_offsets(list(parts))
         positions = self.positions()
-        lost = self._committed_once and all(consumer.committed(tp) is None for tp in parts)
+        judged = [tp for tp in parts if (tp.topic, tp.partition) in self._committed_parts]
+        lost = bool(judged) and all(consumer.committed(tp) is None for tp in judged)
         for tp, end in ends.items():
             pos = positions.get((tp.topic, tp.partition), 0)
             self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(end - pos, 0))
@@ -271,7 +282,7 @@ class KafkaActivationSource:
                 with self._lock:
                     self._positions[(tp.topic, tp.partition)] = 0
         if lost:
-            self._committed_once = False
+            self._committed_parts.clear()
 
     _generations_at = 0.0
 
@@ -302,12 +313,25 @@ class KafkaActivationSource:
         where this thread stopped handing records out."""
         keep = sorted(tp for tp in consumer.assignment() if tp.topic not in topics)
         consumer.close(autocommit=False)
-        for topic in topics:
-            delete_topic(self.kafka, topic)
+        self._retired |= topics  # never assigned again, whether or not the delete goes through now
+        for topic in sorted(topics):
+            try:
+                delete_topic(self.kafka, topic)
+            except KafkaError as e:
+                log.warning("deleting %s failed, will retry: %s", topic, e)
+                with self._lock:
+                    self._to_retire.add(topic)
+                continue
             self.metrics.generations_retired.inc()
             log.info("retired generation topic %s (trained and checkpointed)", topic)
-        self._retired |= topics
-        consumer = make_consumer(self.kafka, group_id=self.group_id)
+        while True:
+            try:
+                consumer = make_consumer(self.kafka, group_id=self.group_id)
+                break
+            except KafkaError as e:
+                log.warning("re-creating the consumer failed, retrying: %s", e)
+                if self._stop.wait(1.0):
+                    raise
         consumer.assign(keep)
         positions = self.positions()
         for tp in keep:
@@ -324,7 +348,11 @@ class KafkaActivationSource:
         fresh, self._fresh = self._fresh, set()
         if not fresh:
             return fresh
-        ends = consumer.end_offsets(list(fresh))
+        try:
+            ends = consumer.end_offsets(list(fresh))
+        except KafkaError:
+            self._fresh |= fresh  # still paused: placed on the next round
+            raise
         for tp in fresh:
             key = (tp.topic, tp.partition)
             want = self.start_offsets.pop(key, None)
@@ -378,7 +406,7 @@ class FileActivationSource:
         self.path, self.chunk_tokens, self.dtype, self.loop = Path(path), chunk_tokens, dtype, loop
         self.acts = load_activation_file(self.path)
         self.key: SourceKey = (f"file:{self.path.name}", 0)
-        self._row = start_row if start_row < len(self.acts) else 0
+        self._row = 0 if loop and start_row >= len(self.acts) else start_row  # a finished run stays finished
         self.exhausted = False
 
     @property

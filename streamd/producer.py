@@ -15,7 +15,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+import kafka.errors as kerr
 import torch
+from kafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamd import wire
@@ -27,6 +29,12 @@ from streamd.sources import iter_source
 
 log = logging.getLogger(__name__)
 
+LAG_STALL_SECONDS = 60
+
+# Errors that no retry can fix: the producer stops with the error instead of retrying for ever.
+PERMANENT_ERRORS = (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError, kerr.TopicAuthorizationFailedError,
+                    kerr.ClusterAuthorizationFailedError, kerr.InvalidTopicError)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,8 +42,9 @@ class Publisher:
     """Sends encoded messages with at most ``capacity`` unacknowledged, retrying failures with backoff."""
 
     def __init__(self, kafka: KafkaConfig, topics: list[str], metrics: ProducerMetrics, capacity: int,
-                 max_request_size: int, partitions: int) -> None:
-        self.kafka, self.topics, self.metrics, self.capacity = kafka, topics, metrics, capacity
+                 max_request_size: int, partitions: int, stop: threading.Event) -> None:
+        self.kafka, self.topics, self.metrics, self.capacity, self.stop = kafka, topics, metrics, capacity, stop
+        self.fatal: BaseException | None = None  # an error no retry can fix; the producer stops on it
         self.partitions, self.max_request_size = partitions, max_request_size
         self.producer = make_producer(kafka, max_request_size=max_request_size)
         self._slots = threading.BoundedSemaphore(capacity)
@@ -52,11 +61,15 @@ class Publisher:
     def depth(self) -> int:
         return self._outstanding
 
-    def publish(self, topic: str, key: bytes, value: bytes, n_tokens: int) -> None:
-        """Blocks while ``capacity`` messages are unacknowledged: the backpressure on the model."""
-        self._slots.acquire()
+    def publish(self, topic: str, key: bytes, value: bytes, n_tokens: int) -> bool:
+        """Blocks while ``capacity`` messages are unacknowledged (the backpressure on the model); False if a stop
+        came meanwhile."""
+        while not self._slots.acquire(timeout=0.5):
+            if self.stop.is_set():
+                return False
         self._adjust(+1)
         self._todo.put((topic, key, value, n_tokens, time.monotonic(), 0))
+        return True
 
     def _adjust(self, delta: int) -> None:
         with self._lock:
@@ -70,11 +83,15 @@ class Publisher:
             except queue.Empty:
                 continue
             topic, key, value, n_tokens, t0, attempt = item
+            if attempt and self.kafka.generation_seconds:
+                # a retry outlived its generation, which the trainer may have deleted: send it to the current one
+                topic = topic_for(self.kafka, topic.rsplit(".g", 1)[0], time.time())
+                item = (topic, *item[1:])
             try:
                 if self._recheck_topics.is_set():
                     # A broker that lost its data (memory storage) lost the topic, and it acknowledges sends to a
                     # lost topic that nobody can read: re-create before sending anything after an error.
-                    for t in self.topics:
+                    for t in {*self.topics, topic}:
                         ensure_topic(self.kafka, t, self.partitions)
                     self._recheck_topics.clear()
                 fut = self.producer.send(topic, value=value, key=key)
@@ -96,6 +113,11 @@ class Publisher:
     def _retry(self, item: tuple, err: BaseException) -> None:
         topic, key, value, n_tokens, t0, attempt = item
         self.metrics.publish_errors.labels(producer=self.metrics.producer_id, kind=publish_error_kind(err)).inc()
+        if isinstance(err, PERMANENT_ERRORS):
+            log.error("publish to %s failed for good (%s: %s); stopping", topic, type(err).__name__, err)
+            self.fatal = err
+            self.stop.set()
+            return
         self._recheck_topics.set()
         delay = min(0.2 * 2**attempt, 5.0)
         log.warning("publish to %s failed (%s: %s); retry %d in %.1fs", topic, type(err).__name__, err,
@@ -110,14 +132,16 @@ class Publisher:
         metadata request, which would bring back generations the trainer deleted."""
         had_topics = bool(self.topics)
         self.topics = topics
-        if had_topics:
-            self._drain()
+        if had_topics and self._drain():
             old, self.producer = self.producer, make_producer(self.kafka, max_request_size=self.max_request_size)
             old.close(timeout=5)
 
     def _drain(self, timeout: float | None = None) -> bool:
+        """Wait for every message to be acknowledged, until ``timeout`` or a stop; returns whether all were."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._outstanding and (deadline is None or time.monotonic() < deadline):
+        while self._outstanding and (deadline is None or time.monotonic() < deadline) and not self.fatal:
+            if timeout is None and self.stop.is_set():
+                break
             time.sleep(0.02)
         return self._outstanding == 0
 
@@ -126,7 +150,10 @@ class Publisher:
         done = self._drain(timeout)
         self._closing.set()
         self._thread.join(timeout=5)
-        self.producer.flush(timeout=5)
+        try:
+            self.producer.flush(timeout=5)
+        except KafkaError as e:
+            log.warning("flush on close failed: %s", e)
         self.producer.close(timeout=5)
         return done
 
@@ -169,7 +196,8 @@ class ActivationProducer:
         """Publish until the source ends, max_tokens, or stop(); flushes before returning the tokens published."""
         p = self.pcfg
         pub = Publisher(self.cfg.kafka, [], self.metrics, p.queue_max_messages,
-                        max_request_size=p.max_message_bytes + 4096, partitions=self.cfg.kafka.partitions)
+                        max_request_size=p.max_message_bytes + 4096, partitions=self.cfg.kafka.partitions,
+                        stop=self.stop_event)
         key = p.producer_id.encode()
         windows = pack_documents(self.loaded.tokenizer, self._documents(), p.context_length)
         try:
@@ -194,6 +222,8 @@ class ActivationProducer:
         finally:
             if not pub.close():
                 log.error("stopped with %d messages unacknowledged", pub.depth)
+        if pub.fatal is not None:
+            raise RuntimeError(f"publishing failed and cannot succeed on retry: {pub.fatal}") from pub.fatal
         return self.tokens
 
     def _current_topics(self, pub: Publisher) -> dict[tuple[str, int], str]:
@@ -228,13 +258,20 @@ class ActivationProducer:
         p = self.pcfg
         if not (p.lag_url and p.max_lag_messages):
             return True
+        last_seen, since = None, time.monotonic()
         while not self.stop_event.is_set():
             seen = self._trainer_seq()
-            lag = self.seq - 1 - seen if seen is not None else None
-            if lag is not None:
+            if seen is not None:
+                lag = self.seq - 1 - seen
                 self.metrics.stream_lag_messages.labels(producer=p.producer_id).set(lag)
                 if lag <= p.max_lag_messages:
                     return True
+            if seen != last_seen:
+                last_seen, since = seen, time.monotonic()
+            elif time.monotonic() - since > LAG_STALL_SECONDS:
+                # an unreachable trainer, or messages a restarted broker lost: waiting could never end
+                log.warning("trainer progress stalled at seq %s for %d s; publishing anyway", seen, LAG_STALL_SECONDS)
+                return True
             self.stop_event.wait(1.0)
         return False
 
@@ -248,7 +285,8 @@ class ActivationProducer:
                 producer_id=p.producer_id, seq=self.seq, site_id=sid, acts=rows[lo : lo + step],
                 token_ids=token_ids[lo : lo + step] if p.include_token_ids else None,
             )
-            pub.publish(topic, key, wire.encode(msg), len(msg.acts))
+            if not pub.publish(topic, key, wire.encode(msg), len(msg.acts)):
+                return
             self.seq += 1
 
     def stop(self) -> None:

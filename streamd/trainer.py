@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from kafka.errors import KafkaError
 
 from streamd import __version__, wire
 from streamd.buffer import ShuffleBuffer
@@ -118,6 +119,14 @@ class Trainer:
         self.on_progress, self.progress_every_s = on_progress, progress_every_s
         self.stop_event = threading.Event()
         self.lock = RunLock(self.tcfg.run_dir)
+        try:
+            self._open(cfg, activation_file, loop_file)
+        except BaseException:  # a failed start must not keep the run locked
+            self.lock.release()
+            raise
+
+    def _open(self, cfg: StreamdConfig, activation_file: Path | None, loop_file: bool) -> None:
+        """Everything the run holds besides its lock: state to resume, source, metrics, server."""
         self.store = CheckpointStore(self.tcfg.run_dir, cfg.checkpoints.keep_last)
         self.metrics = TrainerMetrics([s.name for s in self.tcfg.saes], wire.REJECT_REASONS, version=__version__)
         self.history = MetricsHistory(self.tcfg.run_dir / "metrics.jsonl", self.tcfg.history_max_bytes)
@@ -133,7 +142,6 @@ class Trainer:
         self._norm_sample: list[torch.Tensor] = []
         self._resume_state: dict | None = None
         self._site_id: int | None = None
-        self._trace = open(self.tcfg.trace_file, "a") if self.tcfg.trace_file else None
         start_offsets: dict[SourceKey, int] = {}
         reread_below: dict[SourceKey, int] = {}
         latest = self.store.latest()
@@ -162,6 +170,10 @@ class Trainer:
             src = FileActivationSource(Path(path), chunk_tokens=1024, dtype=self.dtype, loop=loop, start_row=start)
             if t.d_in is not None and src.d_in != t.d_in:
                 raise ValueError(f"{path} holds d_in {src.d_in}, trainer.d_in is {t.d_in}")
+            if not loop and len(src.acts) < t.buffer_tokens + t.eval_tokens:
+                raise ValueError(f"{path} holds {len(src.acts)} tokens, fewer than trainer.buffer_tokens + "
+                                 f"trainer.eval_tokens ({t.buffer_tokens + t.eval_tokens}): nothing would be trained "
+                                 "(use --loop, or a smaller buffer)")
             return src
         topic = t.site.topic or self.cfg.kafka.topic
         if not self.cfg.kafka.generation_seconds:
@@ -238,6 +250,8 @@ class Trainer:
     def _fill(self) -> bool:
         """Fill the buffer's free slots; returns False when the source ended or a stop was asked before it filled."""
         while self.buffer is None or not self.buffer.full:
+            if self.stop_event.is_set():
+                return False
             chunk = self._pending or self.source.get(timeout=0.5)
             self._pending = None
             if chunk is None:
@@ -336,7 +350,10 @@ class Trainer:
             return None
         self.source.commit({k: v for k, v in offsets.items() if not k[0].startswith("file:")})
         if self.cfg.kafka.generation_seconds:
-            self._retire_generations(offsets, positions)
+            try:
+                self._retire_generations(offsets, positions)
+            except KafkaError as e:  # the broker is away: the next checkpoint tries again
+                log.warning("retiring generation topics failed: %s", e)
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_last_success.set(time.time())
         self.metrics.checkpoint_duration.set(time.monotonic() - t0)
@@ -356,12 +373,13 @@ class Trainer:
         ends = end_offsets(kafka, old)
         for topic in old:
             parts = [k for k in ends if k[0] == topic]
-            if all(positions.get(k, 0) >= ends[k] and offsets.get(k, 0) >= positions.get(k, 0) for k in parts):
+            if parts and all(positions.get(k, 0) >= ends[k] and offsets.get(k, 0) >= positions.get(k, 0) for k in parts):
                 self.source.retire(topic)
 
     def run(self) -> int:
         """Train until max_tokens, the end of a file source, or stop(); always leaves a final checkpoint."""
         t, ck = self.tcfg, self.cfg.checkpoints
+        self._trace = open(self.tcfg.trace_file, "a") if self.tcfg.trace_file else None
         self.source.start()
         last_ck_tokens, last_ck_time = self.tokens, time.monotonic()
         last_eval = self.tokens

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 def _producer_config(cfg: StreamdConfig, run_dir: Path) -> Path:
     """The effective config as a file for the producer process (secrets included: it is written 0600)."""
     path = run_dir / "up-config.yaml"
-    path.write_text(yaml.safe_dump(_plain(cfg.model_dump(mode="python")), sort_keys=False))
-    os.chmod(path, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(yaml.safe_dump(_plain(cfg.model_dump(mode="python")), sort_keys=False))
     return path
 
 
@@ -61,6 +63,14 @@ def run_up(cfg: StreamdConfig) -> int:
               flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: trainer.stop())
+
+        def watch_producer() -> None:
+            if producer.wait() != 0 and not trainer.stop_event.is_set():
+                log.error("the producer exited with %d (see %s); stopping", producer.returncode,
+                          run_dir / "producer.log")
+                trainer.stop()
+
+        threading.Thread(target=watch_producer, name="streamd-watch-producer", daemon=True).start()
         try:
             tokens = trainer.run()
         finally:

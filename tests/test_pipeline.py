@@ -9,11 +9,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from streamd import wire
-from streamd.config import SiteSpec, StreamdConfig, load_config
+from streamd.config import ConfigError, SiteSpec, StreamdConfig, load_config
 from streamd.ingest import KafkaActivationSource
 from streamd.metrics import TrainerMetrics
 from streamd.model import count_tokens, model_content_hash, site_id
@@ -140,5 +141,12 @@ def test_bad_input_gets_a_clear_error(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "producer.sites.0.site" in out.stderr and "'resid_post', 'mlp_out' or 'attn_out'" in out.stderr
-    with pytest.raises(Exception, match="trainer.batch_size"):
+    with pytest.raises(ConfigError, match="trainer.batch_size"):
         load_config(sets=["trainer.batch_size=0"])
+    with pytest.raises(ConfigError, match="topic is set to a value"):
+        load_config(sets=["kafka.topic=x", "kafka.topic.y=1"])
+    small = tmp_path / "small.npy"
+    np.save(small, np.zeros((100, 8), dtype=np.float32))
+    out = subprocess.run([sys.executable, "-m", "streamd", "train", "--source", str(small), "--metrics-port", "0",
+                          "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "holds 100 tokens" in out.stderr and "Traceback" not in out.stderr

@@ -181,7 +181,8 @@ def test_train_from_cached_file_and_replay_it(kafka_cfg, tmp_path):
 
 
 def test_trainer_rides_out_a_broker_that_restarts_empty(broker, tmp_path):
-    """Tansu with memory storage comes back empty: the trainer keeps running, notices, and reads the new log."""
+    """Tansu with memory storage comes back empty: the trainer keeps running and reads the whole new log (found by
+    our reset check, or by kafka-python's own out-of-range reset, whichever sees it first)."""
     kafka = broker.config(topic="restarts", partitions=2, session_timeout_ms=6000)
     publish(kafka, random_acts(4000, 16, seed=7), producer_id="before", tokens_per_msg=50)
     t = Trainer(trainer_config(kafka, tmp_path / "run", every_tokens=512))
@@ -201,7 +202,6 @@ def test_trainer_rides_out_a_broker_that_restarts_empty(broker, tmp_path):
         assert worker.is_alive(), "the trainer died with the broker"
         assert time.monotonic() < deadline, f"consumed {_value(after)} of 6000 tokens published after the restart"
         time.sleep(0.2)
-    assert _value(t.metrics.offset_resets) >= 1
     t.stop()
     worker.join(timeout=60)
     assert not worker.is_alive()
