@@ -11,9 +11,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 if [ "${1:-}" = "--dev" ]; then
   $PIP install -e ".[dev]"
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v promtool >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
-      || echo "install.sh: could not install prometheus (promtool tests will skip)" >&2
+  # Debian's prometheus (promtool, a real server) and docker-compose 1.29 (`config -q` of the compose files)
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+     && ! { command -v promtool && command -v docker-compose; } >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+       prometheus docker-compose >/dev/null) \
+      || echo "install.sh: could not install prometheus / docker-compose (their tests will skip)" >&2
   fi
 else
   $PIP install -e .
