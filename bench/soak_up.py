@@ -309,9 +309,9 @@ def report(samples: list[Sample], volume: int) -> bool | None:
     rows, prev, out = milestones(samples, volume), None, []
     for label, s in rows:
         rate = "-" if prev is None or s.t <= prev.t else f"{(s.trained - prev.trained) / (s.t - prev.t):,.0f}"
-        out.append([label, f"{s.t:,.0f}", f"{s.payload / 1e9:.3f}", f"{s.trained:,}", mb(s.broker_rss),
-                    mb(s.producer_rss), mb(s.up_rss), mb(s.disk), s.checkpoints, "-" if s.generations is None else s.generations,
-                    s.retired, rate])
+        gens = "-" if s.generations is None else s.generations
+        out.append([label, f"{s.t:,.0f}", f"{s.payload / 1e9:.3f}", s.trained, mb(s.broker_rss), mb(s.producer_rss),
+                    mb(s.up_rss), mb(s.disk), s.checkpoints, gens, s.retired, rate])
         prev = s
     print(table(["at", "elapsed s", "pushed GB", "tokens trained", "broker MB", "producer MB", "up/trainer MB",
                  "disk MB", "ckpts", "live gens", "retired", "tok/s"], out))
@@ -325,23 +325,23 @@ def report(samples: list[Sample], volume: int) -> bool | None:
     base_row = max(quarter, start, key=lambda s: s.t)
     print(f"verdict (peak from the later of warm-up and 25%, t {base_row.t:.0f} s, to the end vs 2x its value there):")
     later = [s for s in samples if s.t >= base_row.t]
-    ok = True
+    results: list[bool | None] = []
     for name, get in (("broker RSS", lambda s: s.broker_rss), ("producer RSS", lambda s: s.producer_rss),
                       ("up/trainer RSS", lambda s: s.up_rss), ("run dir disk", lambda s: s.disk)):
         base, values = get(base_row), [v for s in later if (v := get(s)) is not None]
         if not base or not values:
             print(f"  {name}: not measured")
-            ok = False
+            results.append(None)
             continue
         peak = max(values)
         bounded = peak < 2 * base
-        ok &= bounded
+        results.append(bounded)
         print(f"  {name}: {mb(base)} MB then, peak after {mb(peak)} MB ({peak / base:.2f}x) -> "
               f"{'bounded' if bounded else 'GROWING'}")
     gens = [s.generations for s in later if s.generations is not None]
     if gens:
         print(f"  live generation topics from then on: min {min(gens)}, max {max(gens)}")
-    return ok
+    return False if False in results else None if None in results else True
 
 
 def main() -> int:
