@@ -113,10 +113,11 @@ class KafkaActivationSource:
         start_offsets: dict[SourceKey, int] | None = None,
         reread_below: dict[SourceKey, int] | None = None,
         pin_memory: bool = False,
+        torch_threads: int | None = None,
     ) -> None:
         self.kafka, self.topic, self.group_id, self.metrics = kafka, topic, group_id, metrics
         self.expected_site_id, self.d_in = expected_site_id, d_in
-        self.dtype, self.pin_memory = dtype, pin_memory
+        self.dtype, self.pin_memory, self.torch_threads = dtype, pin_memory, torch_threads
         self.start_offsets = dict(start_offsets or {})
         self.reread_below = dict(reread_below or {})
         self.queue = TokenQueue(queue_tokens)
@@ -171,6 +172,8 @@ class KafkaActivationSource:
     # --- consumer thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.torch_threads:  # torch's thread count is per OS thread: the trainer's setting does not reach here
+            torch.set_num_threads(self.torch_threads)
         try:
             consumer = make_consumer(self.kafka, group_id=self.group_id)
             generations = bool(self.kafka.generation_seconds)

@@ -184,6 +184,7 @@ class Trainer:
             self.cfg.kafka, topic, t.group_id, self.metrics,
             expected_site_id=self._site_id, d_in=d_in, queue_tokens=max(4 * t.batch_size, 65536), dtype=self.dtype,
             start_offsets=start_offsets, reread_below=reread_below, pin_memory=self.device.type == "cuda",
+            torch_threads=t.torch_threads,
         )
 
     def _init_models(self, d_in: int) -> None:

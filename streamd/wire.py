@@ -25,6 +25,7 @@ Decoding is zero-copy: the payload tensor is a view on the message bytes (``torc
 
 from __future__ import annotations
 
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -160,7 +161,10 @@ def decode(data: bytes | bytearray | memoryview, *, check_finite: bool = True) -
     except UnicodeDecodeError as e:
         raise WireError(f"producer id is not UTF-8: {e}") from None
     acts = torch.frombuffer(buf, dtype=dtype, count=n * d, offset=pos).view(n, d)
-    if check_finite and not bool(torch.isfinite(acts).all()):
+    # One sum finds any NaN or inf (they carry through, and no finite payload can overflow the accumulator):
+    # several times faster than isfinite().all(), half of the ingestion thread's time otherwise.
+    acc = torch.float32 if dtype == torch.float16 else torch.float64
+    if check_finite and not math.isfinite(float(acts.sum(dtype=acc))):
         raise NonFinite(f"message {producer_id}#{seq} holds non-finite activations")
     token_ids = torch.frombuffer(buf, dtype=torch.int32, count=n, offset=ids_at) if flags & FLAG_TOKEN_IDS else None
     return ActivationMessage(producer_id=producer_id, seq=seq, site_id=site, acts=acts, token_ids=token_ids)
