@@ -21,7 +21,7 @@ from kafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamd import wire
-from streamd.config import KafkaConfig, ProducerConfig, StreamdConfig
+from streamd.config import KafkaConfig, StreamdConfig
 from streamd.kafka import ensure_topic, make_producer, topic_for
 from streamd.metrics import ProducerMetrics, publish_error_kind
 from streamd.model import ActivationCapture, LoadedModel, configure_threads, load_frozen_model, pack_documents, site_id

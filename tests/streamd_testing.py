@@ -96,3 +96,23 @@ def topic_messages(kafka: KafkaConfig, topic: str | None = None) -> dict[tuple[s
         return out
     finally:
         consumer.close()
+
+
+def consume_all(kafka: KafkaConfig, group: str, n_messages: int, timeout: float = 60) -> dict[tuple[str, int], int]:
+    """Read the topic with the trainer's ingestion in consumer group ``group`` until ``n_messages`` arrived (or the
+    timeout); returns {(producer_id, seq): n_tokens}."""
+    import time
+
+    from streamd.ingest import KafkaActivationSource
+    from streamd.metrics import TrainerMetrics
+
+    src = KafkaActivationSource(kafka, kafka.topic, group, TrainerMetrics(["t"], wire.REJECT_REASONS),
+                                expected_site_id=SITE_ID, d_in=None, queue_tokens=1 << 20)
+    src.start()
+    got, deadline = {}, time.monotonic() + timeout
+    while len(got) < n_messages and time.monotonic() < deadline:
+        chunk = src.get(timeout=0.5)
+        if chunk is not None:
+            got[(chunk.producer_id, chunk.seq)] = len(chunk.acts)
+    src.close()
+    return got

@@ -18,11 +18,9 @@ import torch
 
 from streamd import checkpoints, wire
 from streamd.checkpoints import CheckpointStore
-from streamd.ingest import KafkaActivationSource
-from streamd.metrics import TrainerMetrics
 from streamd.trainer import RunLockedError, Trainer
 from tests.streamd_testing import (
-    SITE_ID, publish, random_acts, topic_messages, trace_counts, trainer_config, write_config,
+    SITE_ID, consume_all, publish, random_acts, topic_messages, trace_counts, trainer_config, write_config,
 )
 
 
@@ -93,18 +91,7 @@ def test_second_trainer_on_a_run_dir_is_refused(kafka_cfg, tmp_path):
 
 def test_two_runs_in_two_groups_each_see_the_whole_stream(kafka_cfg, tmp_path):
     sent = publish(kafka_cfg, random_acts(3000, 16, seed=2), tokens_per_msg=30)
-    seen = {}
-    for group in ("run-a", "run-b"):
-        src = KafkaActivationSource(kafka_cfg, kafka_cfg.topic, group, TrainerMetrics(["t"], wire.REJECT_REASONS),
-                                    expected_site_id=SITE_ID, d_in=16, queue_tokens=1 << 20)
-        src.start()
-        got, deadline = {}, time.monotonic() + 60
-        while len(got) < len(sent) and time.monotonic() < deadline:
-            c = src.get(timeout=0.5)
-            if c is not None:
-                got[(c.producer_id, c.seq)] = len(c.acts)
-        src.close()
-        seen[group] = got
+    seen = {group: consume_all(kafka_cfg, group, len(sent)) for group in ("run-a", "run-b")}
     assert seen["run-a"] == sent == seen["run-b"]
 
 
