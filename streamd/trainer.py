@@ -87,6 +87,8 @@ class Progress:
     saes: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def line(self) -> str:
+        if not self.saes:
+            return f"filling the shuffle buffer: {self.buffer_fill:.0%} (training starts when it is full)"
         parts = [f"tokens {self.tokens:,}", f"{self.tokens_per_second:,.0f} tok/s", f"buffer {self.buffer_fill:.0%}"]
         for name, s in self.saes.items():
             parts.append(f"[{name}] L0 {s['l0']:.1f} FVU {s['fvu']:.3f} dead {s['dead_fraction']:.1%}")
