@@ -78,8 +78,10 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
 fi
 if ! docker image inspect "$PROM_IMAGE" >/dev/null 2>&1; then
   DOCKER_BUILDKIT=1 docker build --network host -t "$PROM_IMAGE" - <<EOF
+FROM $BASE_IMAGE AS deb
+RUN apt-get update && apt-get install -y --no-install-recommends prometheus
 FROM $BASE_IMAGE
-RUN apt-get update && apt-get install -y --no-install-recommends prometheus && rm -rf /var/lib/apt/lists/*
+COPY --from=deb /usr/bin/prometheus /usr/bin/promtool /usr/bin/
 ENTRYPOINT ["/usr/bin/prometheus"]
 EOF
 fi
@@ -147,7 +149,17 @@ services:
     healthcheck:
       test: ["CMD", "python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PROM_PORT/-/healthy', timeout=5)"]
 EOF
-compose() { "${COMPOSE[@]}" -p "$PROJECT" -f "$ROOT/docker-compose.yml" -f "$WORK/smoke.override.yml" "$@"; }
+# An override cannot remove the base file's published ports, which Docker refuses with host networking: merge the two
+# files (`config`) and drop `ports` from the host-network services.
+"${COMPOSE[@]}" -p "$PROJECT" -f "$ROOT/docker-compose.yml" -f "$WORK/smoke.override.yml" config >"$WORK/smoke.merged.yml"
+docker run --rm -i --network none --entrypoint python3 "$IMAGE" -c '
+import sys, yaml
+d = yaml.safe_load(sys.stdin)
+for s in d["services"].values():
+    if s.get("network_mode") == "host":
+        s.pop("ports", None)
+yaml.safe_dump(d, sys.stdout, sort_keys=False)' <"$WORK/smoke.merged.yml" >"$WORK/smoke.compose.yml"
+compose() { "${COMPOSE[@]}" -p "$PROJECT" --project-directory "$ROOT" -f "$WORK/smoke.compose.yml" "$@"; }
 STACK_UP=1
 compose up -d --no-build kafka kafka-init producer trainer prometheus
 
