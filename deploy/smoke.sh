@@ -114,6 +114,9 @@ services:
     <<: *host
     entrypoint: ["streamd"]
     command: ["broker", "--port", "19092"]
+    environment:  # the topic as the base file configures it (Compose interpolates these)
+      STREAMD_KAFKA__TOPIC: \${STREAMD_TOPIC:-streamd.activations}
+      STREAMD_KAFKA__PARTITIONS: \${STREAMD_PARTITIONS:-8}
     healthcheck:
       test: ["CMD", "python", "-c", "import socket; socket.create_connection(('127.0.0.1', 19092), 2)"]
       start_period: 5s
