@@ -182,7 +182,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_frozen_model(path: str | Path | None, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
@@ -192,8 +192,8 @@ def load_frozen_model(path: str | Path | None, dtype: str = "float32", device: s
     src = Path(path).expanduser() if path is not None else default_model_path()
     if not src.exists():
         raise ModelLoadError(f"model path {src} does not exist (expected an HF model directory or a .gguf file)")
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    if dtype not in TORCH_DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
     model_hash = model_content_hash(src)
     hf_dir = src
     if src.is_file():
@@ -204,7 +204,7 @@ def load_frozen_model(path: str | Path | None, dtype: str = "float32", device: s
             _convert_gguf(src, hf_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=TORCH_DTYPES[dtype])
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the model at {src}: {e}") from e
     model.to(device).eval().requires_grad_(False)

@@ -24,7 +24,9 @@ from streamd import wire
 from streamd.config import KafkaConfig, StreamdConfig
 from streamd.kafka import ensure_topic, make_producer, topic_for
 from streamd.metrics import ProducerMetrics, publish_error_kind
-from streamd.model import ActivationCapture, LoadedModel, configure_threads, load_frozen_model, pack_documents, site_id
+from streamd.model import (
+    TORCH_DTYPES, ActivationCapture, LoadedModel, configure_threads, load_frozen_model, pack_documents, site_id,
+)
 from streamd.sources import iter_source
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,6 @@ LAG_STALL_SECONDS = 60
 # Errors that no retry can fix: the producer stops with the error instead of retrying for ever.
 PERMANENT_ERRORS = (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError, kerr.TopicAuthorizationFailedError,
                     kerr.ClusterAuthorizationFailedError, kerr.InvalidTopicError)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class Publisher:
     """Sends encoded messages with at most ``capacity`` unacknowledged, retrying failures with backoff."""
@@ -177,7 +176,7 @@ class ActivationProducer:
         configure_threads(self.pcfg.torch_threads)
         self.loaded = loaded or load_frozen_model(self.pcfg.model_path, self.pcfg.dtype, self.pcfg.device)
         self.metrics = ProducerMetrics(self.pcfg.producer_id)
-        self.wire_dtype = DTYPES[self.pcfg.wire_dtype]
+        self.wire_dtype = TORCH_DTYPES[self.pcfg.wire_dtype]
         self.topics = {(s.site, s.layer): s.topic or cfg.kafka.topic for s in self.pcfg.sites}
         self.site_ids = {
             (s.site, s.layer): site_id(self.loaded.model_hash, s.site, s.layer) for s in self.pcfg.sites

@@ -30,13 +30,10 @@ from streamd.ingest import ActivationSource, Chunk, FileActivationSource, KafkaA
 from streamd.kafka import end_offsets, ensure_topic, generation_of, parse_generation
 from streamd.learner import Learner
 from streamd.metrics import TrainerMetrics
-from streamd.model import configure_threads
+from streamd.model import TORCH_DTYPES, configure_threads
 from streamd.serve import StatusServer
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class RunLockedError(RuntimeError):
     pass
@@ -117,7 +114,7 @@ class Trainer:
         self.cfg, self.tcfg = cfg, cfg.trainer
         configure_threads(self.tcfg.torch_threads)
         self.device = resolve_device(self.tcfg.device)
-        self.dtype = DTYPES[self.tcfg.buffer_dtype]
+        self.dtype = TORCH_DTYPES[self.tcfg.buffer_dtype]
         self.on_progress, self.progress_every_s = on_progress, progress_every_s
         self.stop_event = threading.Event()
         self.lock = RunLock(self.tcfg.run_dir)
@@ -138,7 +135,8 @@ class Trainer:
         self.eval_set: torch.Tensor | None = None
         self.learners: dict[str, Learner] = {}
         self.buffer: ShuffleBuffer | None = None
-        self.keys: list[SourceKey] = []
+        self.keys: list[SourceKey] = []  # buffer slots store an index into this list
+        self._key_ids: dict[SourceKey, int] = {}
         self._pending: Chunk | None = None
         self._last_fill_note = 0.0
         self._norm_sample: list[torch.Tensor] = []
@@ -217,9 +215,10 @@ class Trainer:
     # --- ingest -------------------------------------------------------------------------------------------------
 
     def _key_index(self, key: SourceKey) -> int:
-        if key not in self.keys:
+        if key not in self._key_ids:
+            self._key_ids[key] = len(self.keys)
             self.keys.append(key)
-        return self.keys.index(key)
+        return self._key_ids[key]
 
     def _take(self, chunk: Chunk) -> Chunk | None:
         """Route a chunk: held-out eval set first, then the norm estimate sample, then the buffer. Returns what is
