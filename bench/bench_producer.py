@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from _common import Phase, load_average, machine_line, quiet, table
-from streamd.broker import LocalBroker
+from streamd.stream.broker import LocalBroker
 from streamd.config import ProducerConfig, SiteSpec, SourceConfig, StreamdConfig
-from streamd.model import ActivationCapture, configure_threads, load_frozen_model, pack_documents
-from streamd.producer import ActivationProducer
-from streamd.sources import kjv
+from streamd.produce.model import ActivationCapture, configure_threads, load_frozen_model, pack_documents
+from streamd.produce.producer import ActivationProducer
+from streamd.produce.text import kjv
 
 THREADS, CONTEXT, BATCH = 2, 128, 8
 SITE = SiteSpec(site="resid_post", layer=15)

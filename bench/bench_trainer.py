@@ -3,7 +3,7 @@
 Measures, for one fixed SAE (TopK, d_in 576, width 4608, k 32, batch 4096) in one process:
 
 1. a plain in-memory loop: a ``Learner`` stepping on normalised random batches already in memory;
-2. the full trainer (``streamd.trainer.Trainer``: Kafka -> ingestion thread -> shuffle buffer -> Learner step) on a
+2. the full trainer (``streamd.train.trainer.Trainer``: Kafka -> ingestion thread -> shuffle buffer -> Learner step) on a
    topic pre-filled with ~1 MB fp16 messages, run on the main thread as ``streamd train`` runs it, in steady state:
    a watcher thread stamps every move of the trainer's token counter, and only steps after the buffer is full and a
    few warm-up steps count (group join and buffer fill are excluded, and reported apart);
@@ -36,15 +36,15 @@ from kafka import TopicPartition
 
 from _common import Phase, load_average, machine_line, quiet, table
 from streamd import wire
-from streamd.broker import LocalBroker
+from streamd.stream.broker import LocalBroker
 from streamd.config import CheckpointConfig, KafkaConfig, MetricsConfig, SAEConfig, StreamdConfig, TrainerConfig
-from streamd.ingest import KafkaActivationSource
-from streamd.kafka import ensure_topic, make_consumer, make_producer
-from streamd.learner import Learner
+from streamd.train.kafka_source import KafkaActivationSource
+from streamd.stream.kafka import ensure_topic, make_consumer, make_producer
+from streamd.train.learner import Learner
 from streamd.metrics import TrainerMetrics
-from streamd.model import configure_threads
-from streamd.producer import split_rows
-from streamd.trainer import Trainer
+from streamd.produce.model import configure_threads
+from streamd.produce.producer import split_rows
+from streamd.train.trainer import Trainer
 
 D_IN, WIDTH, K, BATCH = 576, 4608, 32, 4096
 SITE_ID = 0x5EED

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def load_sae(path_or_url: str, sae: str | None = None):
     """A trained SAE (``encode`` / ``decode`` in raw activation units) from a checkpoint dir, run dir or URL."""
-    from streamd.pull import load_sae as _load
+    from streamd.client.pull import load_sae as _load
 
     return _load(path_or_url, sae)
 

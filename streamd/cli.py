@@ -63,7 +63,7 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_broker(args) -> int:
-    from streamd.broker import run_broker
+    from streamd.stream.broker import run_broker
 
     cfg = _config(args)
     run_broker(cfg.kafka, port=args.port, topic=cfg.kafka.topic, partitions=cfg.kafka.partitions)
@@ -71,7 +71,7 @@ def cmd_broker(args) -> int:
 
 
 def cmd_produce(args) -> int:
-    from streamd.producer import ActivationProducer
+    from streamd.produce.producer import ActivationProducer
 
     cfg = _config(args)
     prod = ActivationProducer(cfg)
@@ -89,7 +89,7 @@ def cmd_produce(args) -> int:
 def _producer_server(cfg: StreamdConfig, prod):
     if not cfg.producer.metrics_port:
         return None
-    from streamd.serve import StatusServer
+    from streamd.run.server import StatusServer
 
     server = StatusServer(cfg.metrics.host, cfg.producer.metrics_port, prod.metrics.registry, None,
                           lambda: (True, "producing"))
@@ -99,7 +99,7 @@ def _producer_server(cfg: StreamdConfig, prod):
 
 
 def cmd_train(args) -> int:
-    from streamd.trainer import Trainer
+    from streamd.train.trainer import Trainer
 
     cfg = _config(args)
     trainer = Trainer(cfg, activation_file=args.source, loop_file=args.loop,
@@ -139,7 +139,7 @@ UP_DEFAULTS: dict[str, Any] = {
 
 
 def cmd_pull(args) -> int:
-    from streamd.pull import pull
+    from streamd.client.pull import pull
 
     path = pull(args.url, args.out, sae=args.sae, token=args.token, cafile=args.cafile)
     print(path)
@@ -147,14 +147,14 @@ def cmd_pull(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from streamd.report import status
+    from streamd.client.report import status
 
     print(status(args.url))
     return 0
 
 
 def cmd_report(args) -> int:
-    from streamd.report import write_report
+    from streamd.client.report import write_report
 
     for path in write_report(args.run_dir, args.out or args.run_dir / "report"):
         print(path)
@@ -162,7 +162,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from streamd.evaluate import eval_checkpoint
+    from streamd.client.evaluate import eval_checkpoint
 
     cfg = _config(args)
     for name, r in eval_checkpoint(cfg, args.checkpoint, n_docs=args.docs).items():
@@ -171,7 +171,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from streamd.replay import replay
+    from streamd.produce.replay import replay
 
     cfg = _config(args)
     n = replay(cfg.kafka, args.path, topic=cfg.kafka.topic, site_id=int(args.site_id, 16),

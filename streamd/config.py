@@ -28,7 +28,7 @@ class Strict(BaseModel):
 
 
 class KafkaSecurity(Strict):
-    """Passed through to kafka-python (SASL / TLS); see ``streamd.kafka.client_kwargs``."""
+    """Passed through to kafka-python (SASL / TLS); see ``streamd.stream.kafka.client_kwargs``."""
 
     protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from streamd.broker import LocalBroker
+from streamd.stream.broker import LocalBroker
 from streamd.config import StreamdConfig
-from streamd.trainer import Trainer
+from streamd.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

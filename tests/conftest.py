@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streamd.broker import LocalBroker
+from streamd.stream.broker import LocalBroker
 from streamd.config import KafkaConfig
 
 TINY_VOCAB = 512

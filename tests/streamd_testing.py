@@ -12,7 +12,7 @@ import yaml
 
 from streamd import wire
 from streamd.config import CheckpointConfig, KafkaConfig, MetricsConfig, SAEConfig, StreamdConfig, TrainerConfig
-from streamd.kafka import ensure_topic, make_producer
+from streamd.stream.kafka import ensure_topic, make_producer
 
 SITE_ID = 0xAB
 
@@ -74,7 +74,7 @@ def topic_messages(kafka: KafkaConfig, topic: str | None = None) -> dict[tuple[s
     """Every valid activation message in the topic: (topic, partition, offset) -> (producer id, seq, n_tokens)."""
     from kafka import TopicPartition
 
-    from streamd.kafka import make_consumer
+    from streamd.stream.kafka import make_consumer
 
     topic = topic or kafka.topic
     consumer = make_consumer(kafka, group_id=None)
@@ -103,7 +103,7 @@ def consume_all(kafka: KafkaConfig, group: str, n_messages: int, timeout: float 
     timeout); returns {(producer_id, seq): n_tokens}."""
     import time
 
-    from streamd.ingest import KafkaActivationSource
+    from streamd.train.kafka_source import KafkaActivationSource
     from streamd.metrics import TrainerMetrics
 
     src = KafkaActivationSource(kafka, kafka.topic, group, TrainerMetrics(["t"], wire.REJECT_REASONS),

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from kafka import TopicPartition
 
-from streamd.broker import LocalBroker, free_port
+from streamd.stream.broker import LocalBroker, free_port
 from streamd.config import KafkaConfig
-from streamd.kafka import ensure_topic, make_admin, make_consumer, make_producer
+from streamd.stream.kafka import ensure_topic, make_admin, make_consumer, make_producer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def _committed_and_rest(cfg) -> tuple[int | None, list[bytes]]:
 def test_run_broker_creates_the_topic_and_stops_on_signal(sig, tmp_path):
     port = free_port()
     code = (
-        "import sys; from streamd.broker import run_broker; from streamd.config import KafkaConfig; "
+        "import sys; from streamd.stream.broker import run_broker; from streamd.config import KafkaConfig; "
         f"sys.exit(run_broker(KafkaConfig(bootstrap_servers=['127.0.0.1:{port}']), topic='cli', partitions=3, "
         f"log_dir={str(tmp_path)!r}))"
     )

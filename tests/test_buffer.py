@@ -2,7 +2,7 @@
 
 import torch
 
-from streamd.buffer import ShuffleBuffer
+from streamd.train.buffer import ShuffleBuffer
 
 
 def _stream(buf: ShuffleBuffer, msg_tokens: int, start_msg: int) -> int:

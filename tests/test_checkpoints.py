@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamd import checkpoints
-from streamd.checkpoints import CheckpointError, CheckpointStore, SAEExport
+from streamd.run import checkpoints
+from streamd.run.checkpoints import CheckpointError, CheckpointStore, SAEExport
 
 HOOK = "blocks.3.hook_resid_post"
 D_IN, D_SAE = 8, 32

@@ -17,13 +17,13 @@ import torch
 from prometheus_client import CollectorRegistry
 from pydoc_data.topics import topics
 
-from streamd.checkpoints import CheckpointStore
+from streamd.run.checkpoints import CheckpointStore
 from streamd.config import KafkaConfig, MetricsConfig, ProducerConfig, SAEConfig, SiteSpec, SourceConfig, StreamdConfig
-from streamd.evaluate import eval_checkpoint, held_out_texts
-from streamd.model import ActivationCapture, load_frozen_model, pack_documents
-from streamd.serve import StatusServer
-from streamd.sources import files
-from streamd.trainer import Trainer
+from streamd.client.evaluate import eval_checkpoint, held_out_texts
+from streamd.produce.model import ActivationCapture, load_frozen_model, pack_documents
+from streamd.run.server import StatusServer
+from streamd.produce.text import files
+from streamd.train.trainer import Trainer
 from tests.streamd_testing import trainer_config
 
 torch.set_num_threads(2)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from streamd.config import SiteSpec
-from streamd.evaluate import ce_loss_score
-from streamd.model import count_tokens, load_frozen_model, pack_documents, site_module
+from streamd.client.evaluate import ce_loss_score
+from streamd.produce.model import count_tokens, load_frozen_model, pack_documents, site_module
 from tests.test_model import make_tiny_model  # Llama and GPT-2 (tuple outputs) builders
 
 TEXTS = [

@@ -7,10 +7,10 @@ import threading
 import time
 
 from streamd.config import CheckpointConfig, MetricsConfig, SAEConfig, SiteSpec, StreamdConfig, TrainerConfig
-from streamd.kafka import make_admin, parse_generation
-from streamd.model import model_content_hash, site_id_hex
-from streamd.producer import ActivationProducer
-from streamd.trainer import Trainer
+from streamd.stream.kafka import make_admin, parse_generation
+from streamd.produce.model import model_content_hash, site_id_hex
+from streamd.produce.producer import ActivationProducer
+from streamd.train.trainer import Trainer
 from tests.test_pipeline import _corpus
 
 MAX_LAG = 6

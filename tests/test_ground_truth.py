@@ -1,7 +1,7 @@
 """Ground truth through the whole training path: synthetic activations -> wire messages -> local Kafka broker ->
 trainer (ingestion thread, shuffle buffer, normalisation, schedules) -> exported checkpoint -> recovered dictionary.
 
-Difficulty (streamd.synthetic defaults): d_in 64, 256 true features (4x overcomplete), 5 active per token on
+Difficulty (tests.synthetic defaults): d_in 64, 256 true features (4x overcomplete), 5 active per token on
 average, Zipf exponent 0.5 (commonest feature on 16% of tokens, rarest on 1%), noise std 0.01; sent as fp16.
 SAEs are 512 wide (2x the true count), seeded independently of the dictionary. Bars: TopK (k 8) recovers >= 90%
 of the true directions at cosine > 0.9; ReLU (L1 3.0) >= 80%, looser because the L1 penalty shrinks activations
@@ -17,9 +17,9 @@ import torch
 
 from streamd import load_sae
 from streamd.config import SAEConfig
-from streamd.learner import Learner
-from streamd.synthetic import SyntheticDictionary, recovery
-from streamd.trainer import Trainer
+from streamd.train.learner import Learner
+from tests.synthetic import SyntheticDictionary, recovery
+from streamd.train.trainer import Trainer
 from tests.streamd_testing import publish, trainer_config
 
 torch.set_num_threads(2)

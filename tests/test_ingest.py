@@ -9,7 +9,7 @@ from kafka import TopicPartition
 
 from streamd import wire
 from streamd.config import KafkaConfig
-from streamd.ingest import Chunk, KafkaActivationSource
+from streamd.train.kafka_source import Chunk, KafkaActivationSource
 from streamd.metrics import TrainerMetrics
 
 

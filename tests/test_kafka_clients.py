@@ -10,7 +10,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from pydantic import SecretStr
 
 from streamd.config import KafkaConfig, KafkaSecurity
-from streamd.kafka import (
+from streamd.stream.kafka import (
     FETCH_MAX_BYTES,
     MAX_PARTITION_FETCH_BYTES,
     client_kwargs,

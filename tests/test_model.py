@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamd.config import SiteSpec
-from streamd.model import (
+from streamd.produce.model import (
     ActivationCapture,
     ModelLoadError,
     blocks,
@@ -29,7 +29,7 @@ from streamd.model import (
     site_module,
     strip_quantization,
 )
-from streamd.sources import kjv, pydoc_topics
+from streamd.produce.text import kjv, pydoc_topics
 
 ARCHS = ("llama", "gpt2", "gpt_neox")
 N_LAYERS = 4

@@ -15,11 +15,11 @@ from transformers import AutoTokenizer
 
 from streamd import wire
 from streamd.config import ConfigError, SiteSpec, StreamdConfig, load_config
-from streamd.ingest import KafkaActivationSource
+from streamd.train.kafka_source import KafkaActivationSource
 from streamd.metrics import TrainerMetrics
-from streamd.model import count_tokens, model_content_hash, site_id
-from streamd.producer import ActivationProducer
-from streamd.sources import files
+from streamd.produce.model import count_tokens, model_content_hash, site_id
+from streamd.produce.producer import ActivationProducer
+from streamd.produce.text import files
 from tests.streamd_testing import write_config
 
 LAYER = 2

@@ -10,11 +10,11 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamd.checkpoints import CheckpointStore, SAEExport
+from streamd.run.checkpoints import CheckpointStore, SAEExport
 from streamd.config import SAEConfig
-from streamd.pull import PullError, load_sae, pull
+from streamd.client.pull import PullError, load_sae, pull
 from streamd.sae import ARCHITECTURES, SAE, build_sae
-from streamd.serve import StatusServer
+from streamd.run.server import StatusServer
 from tests.test_checkpoints import HOOK, make_sae, write
 from tests.test_serve import self_signed
 

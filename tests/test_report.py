@@ -9,9 +9,9 @@ import time
 import pytest
 from prometheus_client import start_http_server
 
-from streamd.history import FILENAME, MetricsHistory, read_history
+from streamd.run.history import FILENAME, MetricsHistory, read_history
 from streamd.metrics import DENSITY_BUCKETS, TrainerMetrics
-from streamd.report import status, write_report
+from streamd.client.report import status, write_report
 
 
 def record(i: int, saes=("topk-k32", "relu-l1")) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamd.config import SAEConfig, TrainerConfig
-from streamd.learner import Learner, default_lr, schedule
+from streamd.train.learner import Learner, default_lr, schedule
 from streamd.sae import ARCHITECTURES, build_sae, load_exported
 from streamd.sae.jumprelu import JumpReLUSAE
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from streamd.checkpoints import CheckpointStore
-from streamd.pull import load_sae
+from streamd.run.checkpoints import CheckpointStore
+from streamd.client.pull import load_sae
 from streamd.sae import ARCHITECTURES
 from tests.test_checkpoints import HOOK
 from tests.test_pull import D_IN, export, trained_like

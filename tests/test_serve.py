@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from streamd.checkpoints import CheckpointStore
+from streamd.run.checkpoints import CheckpointStore
 from streamd.config import MetricsConfig
-from streamd.serve import StatusServer
+from streamd.run.server import StatusServer
 from tests.test_checkpoints import make_sae, write
 
 SECRET = b"top secret outside the checkpoints dir"

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from streamd import sources
+from streamd.produce import text as sources
 from streamd.config import SourceConfig
-from streamd.sources import SourceError, iter_source
+from streamd.produce.text import SourceError, iter_source
 
 
 def take(it, n):
@@ -108,7 +108,7 @@ def test_stdin_blocks():
 
 
 def test_kafka_text_topic(kafka_cfg):
-    from streamd.kafka import ensure_topic, make_producer
+    from streamd.stream.kafka import ensure_topic, make_producer
 
     ensure_topic(kafka_cfg, "texts", 1)
     producer = make_producer(kafka_cfg, max_request_size=2**20)

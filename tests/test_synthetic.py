@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from streamd.config import SAEConfig, TrainerConfig
-from streamd.learner import Learner
-from streamd.synthetic import SyntheticDictionary, recovery
+from streamd.train.learner import Learner
+from tests.synthetic import SyntheticDictionary, recovery
 
 torch.set_num_threads(2)
 BATCH = 1024

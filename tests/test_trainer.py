@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from streamd import checkpoints, wire
-from streamd.checkpoints import CheckpointStore
-from streamd.trainer import RunLockedError, Trainer
+from streamd import wire
+from streamd.run import checkpoints
+from streamd.run.checkpoints import CheckpointStore
+from streamd.train.trainer import RunLockedError, Trainer
 from tests.streamd_testing import (
     SITE_ID, consume_all, publish, random_acts, topic_messages, trace_counts, trainer_config, write_config,
 )

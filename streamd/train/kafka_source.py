@@ -24,7 +24,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from streamd import wire
 from streamd.config import KafkaConfig
-from streamd.kafka import delete_topic, generation_pattern, make_consumer
+from streamd.stream.kafka import delete_topic, generation_pattern, make_consumer
 from streamd.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)

@@ -18,15 +18,15 @@ from urllib.parse import urlsplit
 import torch
 from torch import Tensor
 
-from streamd.checkpoints import LATEST, MANIFEST, SAE_CFG, read_manifest
+from streamd.run.checkpoints import LATEST, MANIFEST, SAE_CFG, read_manifest
 from streamd.config import SiteSpec, StreamdConfig
-from streamd.model import (
+from streamd.produce.model import (
     ActivationCapture, LoadedModel, configure_threads, first_tensor, load_frozen_model, pack_documents, site_id_hex,
     site_module,
 )
-from streamd.pull import _cache_dir, load_sae, pull
+from streamd.client.pull import _cache_dir, load_sae, pull
 from streamd.sae import SAE
-from streamd.sources import iter_source
+from streamd.produce.text import iter_source
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit
 
 from safetensors.torch import load_file
 
-from streamd.checkpoints import (
+from streamd.run.checkpoints import (
     ID_RE,
     LATEST,
     MANIFEST,

@@ -22,12 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamd import wire
 from streamd.config import KafkaConfig, StreamdConfig
-from streamd.kafka import ensure_topic, make_producer, topic_for
+from streamd.stream.kafka import ensure_topic, make_producer, topic_for
 from streamd.metrics import ProducerMetrics, publish_error_kind
-from streamd.model import (
+from streamd.produce.model import (
     TORCH_DTYPES, ActivationCapture, LoadedModel, configure_threads, load_frozen_model, pack_documents, site_id,
 )
-from streamd.sources import iter_source
+from streamd.produce.text import iter_source
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamd.history import read_history
+from streamd.run.history import read_history
 from streamd.metrics import DENSITY_BUCKETS
 
 # (file stem, per-SAE key or None for a run-level key, y label, log y axis)

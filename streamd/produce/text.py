@@ -145,7 +145,7 @@ def kafka_texts(topic: str, kafka: KafkaConfig) -> Iterator[str]:
 
     Offsets are auto-committed: a restarted producer carries on near where it stopped (text is cheap to re-read).
     """
-    from streamd.kafka import make_consumer
+    from streamd.stream.kafka import make_consumer
 
     consumer = make_consumer(kafka, group_id=f"streamd-source.{topic}", enable_auto_commit=True)
     consumer.subscribe([topic])

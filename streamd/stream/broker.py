@@ -29,7 +29,7 @@ import kafka.errors as kerr
 from kafka import KafkaAdminClient
 
 from streamd.config import KafkaConfig
-from streamd.kafka import ensure_topic
+from streamd.stream.kafka import ensure_topic
 
 log = logging.getLogger(__name__)
 

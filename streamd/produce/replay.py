@@ -9,9 +9,9 @@ import torch
 
 from streamd import wire
 from streamd.config import KafkaConfig
-from streamd.ingest import load_activation_file
-from streamd.kafka import ensure_topic, make_producer
-from streamd.producer import split_rows
+from streamd.train.kafka_source import load_activation_file
+from streamd.stream.kafka import ensure_topic, make_producer
+from streamd.produce.producer import split_rows
 
 IN_FLIGHT = 64
 
