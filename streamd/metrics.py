@@ -9,6 +9,7 @@ This module holds no logic beyond small setters; the trainer and producer decide
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -23,8 +24,45 @@ LOSS_TERM_ALIASES = {"l1": "sparsity", "l0_penalty": "sparsity"}
 # log10(feature density) buckets, lower edges -8.0 .. 0.0 step 0.5, plus latents that never fired in the window.
 DENSITY_BUCKETS = tuple(f"{-8 + i / 2:.1f}" for i in range(17)) + ("never",)
 PUBLISH_ERROR_KINDS = ("timeout", "too_large", "broker", "other")
-# Per-step gauges accepted by ``TrainerMetrics.observe_step`` (loss terms come as ``loss_<term>``).
-STEP_GAUGES = ("l0", "fvu", "mse", "dead_fraction", "dense_fraction", "lr", "sparsity_coefficient", "step")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One per-SAE statistic. Its ``key`` names the gauge (``streamd_<key>{sae}``), the history field and the
+    ``StepStats`` entry; ``label`` / ``fmt`` place it in the progress line and ``streamd status``; ``plot`` gives it
+    a curve in ``streamd report``. Renaming or adding a statistic is one edit here (plus the dashboard and rules
+    files, which tests check against live metrics)."""
+
+    key: str
+    help: str
+    label: str = ""  # column heading in the progress line and the status table ("" = not shown)
+    fmt: str = ".4g"  # format spec in the progress line
+    progress: bool = True  # with a label: also in the progress line (else the status table only)
+    plot: str = ""  # y-axis label of its ``streamd report`` curve ("" = no curve)
+    log_y: bool = False
+
+
+# What every training step reports for each SAE (loss terms come beside them as ``loss_<term>``).
+STEP_STATS = (
+    Stat("step", "Optimizer steps taken.", "step", progress=False),
+    Stat("l0", "Mean number of active latents per token (last step).", "L0", ".1f",
+         plot="L0 (active latents per token)"),
+    Stat("fvu", "Fraction of variance unexplained by the reconstruction (last step).", "FVU", ".3f",
+         plot="fraction of variance unexplained", log_y=True),
+    Stat("mse", "Mean squared reconstruction error (last step)."),
+    Stat("dead_fraction", "Fraction of latents that did not fire in the dead window.", "dead", ".1%",
+         plot="dead latent fraction"),
+    Stat("dense_fraction", "Fraction of latents firing above the dense threshold."),
+    Stat("lr", "Current learning rate."),
+    Stat("sparsity_coefficient", "Current sparsity penalty weight (after warm-up)."),
+)
+# What each evaluation on the held-out activations reports.
+EVAL_STATS = (
+    Stat("eval_fvu", "FVU on the held-out activations at the last evaluation."),
+    Stat("eval_l0", "L0 on the held-out activations at the last evaluation."),
+)
+STEP_GAUGES = tuple(s.key for s in STEP_STATS)
+"""Keys ``TrainerMetrics.observe_step`` accepts besides ``loss_<term>``."""
 
 
 def publish_error_kind(err: BaseException) -> str:
@@ -70,22 +108,16 @@ class TrainerMetrics:
                                       registry=reg)
         self.tokens_per_second = Gauge("tokens_per_second", "Training throughput over the last interval (tokens/s).",
                                        namespace=ns, registry=reg)
-        self.l0 = per_sae("l0", "Mean number of active latents per token (last step).")
-        self.fvu = per_sae("fvu", "Fraction of variance unexplained by the reconstruction (last step).")
-        self.mse = per_sae("mse", "Mean squared reconstruction error (last step).")
+        # one gauge per statistic of the schema, also reachable as an attribute (``self.fvu``, ``self.eval_l0``)
+        self.per_sae = {stat.key: per_sae(stat.key, stat.help) for stat in (*STEP_STATS, *EVAL_STATS)}
+        for key, gauge in self.per_sae.items():
+            setattr(self, key, gauge)
         self.loss = Gauge("loss", "Loss of the last step, by term (total, mse, sparsity, auxk).", ["sae", "term"],
                           namespace=ns, registry=reg)
-        self.dead_fraction = per_sae("dead_fraction", "Fraction of latents that did not fire in the dead window.")
-        self.dense_fraction = per_sae("dense_fraction", "Fraction of latents firing above the dense threshold.")
         self.feature_density = Gauge(
             "feature_density",
             "Snapshot: fraction of latents whose log10 firing density falls in bucket (lower edge) or never fired.",
             ["sae", "bucket"], namespace=ns, registry=reg)
-        self.lr = per_sae("lr", "Current learning rate.")
-        self.sparsity_coefficient = per_sae("sparsity_coefficient", "Current sparsity penalty weight (after warm-up).")
-        self.step = per_sae("step", "Optimizer steps taken.")
-        self.eval_fvu = per_sae("eval_fvu", "FVU on the held-out activations at the last evaluation.")
-        self.eval_l0 = per_sae("eval_l0", "L0 on the held-out activations at the last evaluation.")
 
         self.buffer_fill_ratio = Gauge("buffer_fill_ratio", "Shuffle buffer fill, 0..1.", namespace=ns, registry=reg)
         self.buffer_tokens = Gauge("buffer_tokens", "Tokens held in the shuffle buffer.", namespace=ns, registry=reg)
@@ -125,8 +157,7 @@ class TrainerMetrics:
 
         for sae in self.sae_names:
             self.tokens_trained.labels(sae=sae)
-            for g in (self.l0, self.fvu, self.mse, self.dead_fraction, self.dense_fraction, self.lr,
-                      self.sparsity_coefficient, self.step, self.eval_fvu, self.eval_l0):
+            for g in self.per_sae.values():
                 g.labels(sae=sae)
             for term in LOSS_TERMS:
                 self.loss.labels(sae=sae, term=term)
@@ -136,7 +167,8 @@ class TrainerMetrics:
             self.messages_rejected.labels(reason=reason)
 
     def observe_step(self, sae: str, stats: Mapping[str, float]) -> None:
-        """Set the per-SAE gauges from one step's stats: keys from ``STEP_GAUGES`` and ``loss_<term>``.
+        """Set the per-SAE gauges from one step's (or evaluation's) stats: keys of ``STEP_STATS`` / ``EVAL_STATS``
+        and ``loss_<term>``.
 
         An unknown key raises: a renamed stat must not silently stop updating its dashboard panel.
         """
@@ -144,8 +176,8 @@ class TrainerMetrics:
             term = LOSS_TERM_ALIASES.get(key[5:], key[5:]) if key.startswith("loss_") else None
             if term in LOSS_TERMS:
                 self.loss.labels(sae=sae, term=term).set(value)
-            elif key in STEP_GAUGES:
-                getattr(self, key).labels(sae=sae).set(value)
+            elif key in self.per_sae:
+                self.per_sae[key].labels(sae=sae).set(value)
             else:
                 raise KeyError(f"unknown step stat {key!r}; expected one of {STEP_GAUGES} or loss_<{LOSS_TERMS}>")
 

@@ -12,15 +12,12 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamd.run.history import read_history
-from streamd.metrics import DENSITY_BUCKETS
+from streamd.metrics import DENSITY_BUCKETS, STEP_STATS
 
-# (file stem, per-SAE key or None for a run-level key, y label, log y axis)
-_CURVES = (
-    ("l0", "l0", "L0 (active latents per token)", False),
-    ("fvu", "fvu", "fraction of variance unexplained", True),
-    ("dead_fraction", "dead_fraction", "dead latent fraction", False),
-    ("tokens_per_second", None, "tokens / s", False),
-)
+def _curves() -> list[tuple[str, str | None, str, bool]]:
+    """(file stem, per-SAE key or None for a run-level key, y label, log y axis): the schema's plotted stats."""
+    return [(s.key, s.key, s.plot, s.log_y) for s in STEP_STATS if s.plot] + [
+        ("tokens_per_second", None, "tokens / s", False)]
 
 
 def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
@@ -37,7 +34,7 @@ def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     sae_names = sorted({name for r in records for name in r.get("saes", {})})
     written = []
-    for stem, key, ylabel, logy in _CURVES:
+    for stem, key, ylabel, logy in _curves():
         fig, ax = plt.subplots(figsize=(8, 4.5))
         if key is None:
             pts = [(r["tokens"], r[stem]) for r in records if r.get(stem) is not None]
@@ -139,12 +136,12 @@ def status(url: str, timeout: float = 5.0) -> str:
     lines.append(f"  last checkpoint  {age}   failures {_fmt(failures)}")
     rejected = {k: v for k, v in by("streamd_messages_rejected_total", "reason").items() if v}
     lines.append("  rejected         " + (", ".join(f"{k}={_fmt(v)}" for k, v in sorted(rejected.items())) or "none"))
-    per = {key: by(f"streamd_{key}", "sae") for key in ("l0", "fvu", "dead_fraction", "step")}
+    columns = [st for st in STEP_STATS if st.label]
+    per = {st.key: by(f"streamd_{st.key}", "sae") for st in columns}
     if trained:
         width = max(len(s) for s in trained)
-        lines.append(f"  {'sae':<{width}}  {'tokens':>12} {'step':>9} {'L0':>9} {'FVU':>9} {'dead':>7}")
+        lines.append(f"  {'sae':<{width}}  {'tokens':>12}" + "".join(f" {st.label:>9}" for st in columns))
         for sae in sorted(trained):
-            lines.append(f"  {sae:<{width}}  {_fmt(trained[sae]):>12} {_fmt(per['step'].get(sae)):>9}"
-                         f" {_fmt(per['l0'].get(sae)):>9} {_fmt(per['fvu'].get(sae)):>9}"
-                         f" {_fmt(per['dead_fraction'].get(sae)):>7}")
+            lines.append(f"  {sae:<{width}}  {_fmt(trained[sae]):>12}"
+                         + "".join(f" {_fmt(per[st.key].get(sae)):>9}" for st in columns))
     return "\n".join(lines)

@@ -4,11 +4,11 @@ Prometheus keeps what it scrapes, but a run without a Prometheus server still ne
 record. It is bounded: when ``metrics.jsonl`` would grow past ``max_bytes`` it becomes ``metrics.jsonl.1``
 (replacing the previous one), so at most about 2 x ``max_bytes`` is kept.
 
-Record format (written by the trainer)::
+Record format (written by the trainer at its progress cadence)::
 
     {"time": float, "tokens": int, "tokens_per_second": float, "buffer_fill": float,
-     "saes": {"<name>": {"l0": ..., "fvu": ..., "mse": ..., "loss": ..., "dead_fraction": ...,
-                         "dense_fraction": ..., "lr": ..., "density_histogram": {bucket: fraction}}}}
+     "saes": {"<name>": {<key>: float for every key of metrics.STEP_STATS>, "loss_<term>": float, ...,
+                         "density_histogram": {bucket: fraction}}}}
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ batch size. The learner knows nothing about Kafka: it is handed normalised batch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -44,18 +43,45 @@ def schedule(tokens: int, tcfg: TrainerConfig) -> tuple[float, float]:
     return lr_mult, warm
 
 
-@dataclass
 class StepStats:
-    loss: float
-    terms: dict[str, float]
-    l0: float
-    mse: float
-    fvu: float
-    lr: float
-    sparsity_scale: float
-    dead_fraction: float
-    dense_fraction: float
-    tokens: int
+    """One step's statistics under the names of ``metrics.STEP_STATS`` (plus ``loss_<term>``).
+
+    The device-side values stay one tensor until :meth:`read`, so a CUDA step does not wait for the host: the
+    trainer reads them at its progress cadence, in one transfer. Attribute access (``stats.fvu``) reads too.
+    """
+
+    def __init__(self, device_values: Tensor, device_keys: tuple[str, ...], host: dict[str, float]) -> None:
+        self._values, self._keys, self._host = device_values, device_keys, host
+        self._read: dict[str, float] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return int(self._host["tokens"])
+
+    @property
+    def sparsity_scale(self) -> float:
+        return self._host["sparsity_coefficient"]
+
+    def read(self) -> dict[str, float]:
+        """Every statistic as a float (one device-to-host copy, done once)."""
+        if self._read is None:
+            vals = dict(zip(self._keys, self._values.tolist()))
+            vals["mse"] = vals["loss_mse"]
+            self._read = {**vals, **{k: v for k, v in self._host.items() if k != "tokens"}}
+        return self._read
+
+    def __getattr__(self, key: str) -> float:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self.read()[key]
+        except KeyError:
+            raise AttributeError(f"no step statistic {key!r}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StepStats) and (self.read(), self.tokens) == (other.read(), other.tokens)
+
+    __hash__ = None  # mutable cache: not hashable
 
 
 def _fvu(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -115,7 +141,7 @@ class Learner:
         b = feats.shape[0]
         fires = (feats > 0).sum(0)
         self.since_fired += b
-        self.since_fired[fires > 0] = 0
+        self.since_fired.masked_fill_(fires > 0, 0)  # no boolean indexing: it would sync a CUDA step
         self.window_fires += fires
         self.window_tokens += b
         if self.window_tokens >= self.tcfg.density_window_tokens:
@@ -146,18 +172,15 @@ class Learner:
         with torch.no_grad():
             feats = out.feats.detach()
             self._record_fires(feats)
-            names = list(out.terms)
-            # one device->host transfer for every scalar of the step
-            vals = torch.stack(
+            terms = list(out.terms)
+            values = torch.stack(
                 [out.loss.detach().float(), (feats > 0).sum(-1).float().mean(), _fvu(x, out.x_hat.detach()),
                  self.dead_mask().float().mean(), self.dense_mask().float().mean()]
-                + [out.terms[k].detach().float() for k in names]
-            ).tolist()
-        terms = dict(zip(names, vals[5:]))
-        return StepStats(
-            loss=vals[0], terms=terms, l0=vals[1], mse=terms["mse"], fvu=vals[2], lr=lr,
-            sparsity_scale=sparsity_scale, dead_fraction=vals[3], dense_fraction=vals[4], tokens=self.tokens_seen,
-        )
+                + [out.terms[k].detach().float() for k in terms]
+            )
+        keys = ("loss_total", "l0", "fvu", "dead_fraction", "dense_fraction", *(f"loss_{k}" for k in terms))
+        host = {"lr": lr, "sparsity_coefficient": sparsity_scale, "step": self.steps, "tokens": self.tokens_seen}
+        return StepStats(values, keys, host)
 
     @torch.no_grad()
     def evaluate(self, x: Tensor) -> dict[str, float]:

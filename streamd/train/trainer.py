@@ -28,8 +28,8 @@ from streamd.config import StreamdConfig
 from streamd.run.history import MetricsHistory
 from streamd.train.kafka_source import ActivationSource, Chunk, FileActivationSource, KafkaActivationSource, SourceKey
 from streamd.stream.kafka import end_offsets, ensure_topic, generation_of, parse_generation
-from streamd.train.learner import Learner
-from streamd.metrics import TrainerMetrics
+from streamd.train.learner import Learner, StepStats
+from streamd.metrics import STEP_STATS, TrainerMetrics
 from streamd.produce.model import TORCH_DTYPES, configure_threads
 from streamd.run.server import StatusServer
 
@@ -81,24 +81,16 @@ class Progress:
     tokens: int
     tokens_per_second: float
     buffer_fill: float
-    saes: dict[str, dict[str, float]] = field(default_factory=dict)
+    saes: dict[str, dict[str, float]] = field(default_factory=dict)  # per SAE: ``StepStats.read()``
 
     def line(self) -> str:
         if not self.saes:
             return f"filling the shuffle buffer: {self.buffer_fill:.0%} (training starts when it is full)"
         parts = [f"tokens {self.tokens:,}", f"{self.tokens_per_second:,.0f} tok/s", f"buffer {self.buffer_fill:.0%}"]
-        for name, s in self.saes.items():
-            parts.append(f"[{name}] L0 {s['l0']:.1f} FVU {s['fvu']:.3f} dead {s['dead_fraction']:.1%}")
+        shown = [s for s in STEP_STATS if s.label and s.progress]
+        for name, vals in self.saes.items():
+            parts.append(f"[{name}] " + " ".join(f"{s.label} {vals[s.key]:{s.fmt}}" for s in shown))
         return " | ".join(parts)
-
-
-def _gauges(stats, learner: Learner) -> dict[str, float]:
-    """One step's stats under the metric names (``loss_<term>`` for the loss terms)."""
-    out = {"l0": stats.l0, "fvu": stats.fvu, "mse": stats.mse, "dead_fraction": stats.dead_fraction,
-           "dense_fraction": stats.dense_fraction, "lr": stats.lr, "step": learner.steps,
-           "sparsity_coefficient": stats.sparsity_scale, "loss_total": stats.loss}
-    out.update({f"loss_{term}": v for term, v in stats.terms.items()})
-    return out
 
 
 class Trainer:
@@ -134,6 +126,7 @@ class Trainer:
         self.scale: float | None = None
         self.eval_set: torch.Tensor | None = None
         self.learners: dict[str, Learner] = {}
+        self._last_stats: dict[str, StepStats] = {}
         self.buffer: ShuffleBuffer | None = None
         self.keys: list[SourceKey] = []  # buffer slots store an index into this list
         self._key_ids: dict[SourceKey, int] = {}
@@ -273,20 +266,15 @@ class Trainer:
 
     # --- train --------------------------------------------------------------------------------------------------
 
-    def _step(self) -> dict[str, dict[str, float]]:
+    def _step(self) -> None:
         x = self.buffer.sample() * self.scale
-        out = {}
         for name, learner in self.learners.items():
-            stats = learner.step(x)
-            self.metrics.observe_step(name, _gauges(stats, learner))
+            self._last_stats[name] = learner.step(x)  # device values: read at the progress cadence
             self.metrics.tokens_trained.labels(sae=name).inc(len(x))
-            out[name] = {"l0": stats.l0, "fvu": stats.fvu, "mse": stats.mse, "loss": stats.loss,
-                         "dead_fraction": stats.dead_fraction, "dense_fraction": stats.dense_fraction, "lr": stats.lr}
         self.tokens += len(x)
         self.metrics.buffer_fill_ratio.set(self.buffer.fill_ratio)
         if self._trace is not None:
             self._write_trace()
-        return out
 
     def _write_trace(self) -> None:
         """One line per step: the trainer's token count and, per message, how many of its tokens were trained."""
@@ -302,8 +290,7 @@ class Trainer:
         x = self.eval_set.to(self.device, torch.float32) * self.scale
         out = {name: learner.evaluate(x) for name, learner in self.learners.items()}
         for name, r in out.items():
-            self.metrics.eval_fvu.labels(sae=name).set(r["fvu"])
-            self.metrics.eval_l0.labels(sae=name).set(r["l0"])
+            self.metrics.observe_step(name, {"eval_fvu": r["fvu"], "eval_l0": r["l0"]})
         return out
 
     def resume_offsets(self) -> tuple[dict[SourceKey, int], dict[SourceKey, int]]:
@@ -387,13 +374,12 @@ class Trainer:
         last_eval = self.tokens
         rate_t, rate_tok = time.monotonic(), self.tokens
         last_progress = time.monotonic()
-        stats: dict[str, dict[str, float]] = {}
         try:
             while not self.stop_event.is_set() and (t.max_tokens is None or self.tokens < t.max_tokens):
                 if not self._fill():
                     break
                 self.metrics.training_ready.set(1)
-                stats = self._step()
+                self._step()
                 now = time.monotonic()
                 if self.tokens - last_eval >= t.eval_every_tokens:
                     last_eval = self.tokens
@@ -402,12 +388,14 @@ class Trainer:
                     rate = (self.tokens - rate_tok) / (now - rate_t)
                     rate_t, rate_tok, last_progress = now, self.tokens, now
                     self.metrics.tokens_per_second.set(rate)
-                    self._record(rate, stats)
+                    self._record(rate)
                 if (ck.every_tokens and self.tokens - last_ck_tokens >= ck.every_tokens) or (
                     ck.every_seconds and now - last_ck_time >= ck.every_seconds
                 ):
                     self.checkpoint()
                     last_ck_tokens, last_ck_time = self.tokens, time.monotonic()
+            if self._last_stats:  # the final state, whatever the cadence
+                self._record((self.tokens - rate_tok) / max(time.monotonic() - rate_t, 1e-9))
             if self.learners and self.tokens != last_ck_tokens:
                 self.evaluate()
                 self.checkpoint()
@@ -419,11 +407,15 @@ class Trainer:
                 self._trace.close()
         return self.tokens
 
-    def _record(self, rate: float, stats: dict[str, dict[str, float]]) -> None:
+    def _record(self, rate: float) -> None:
+        """The progress cadence: read the last step's statistics once, then gauges, history and progress line."""
+        stats = {name: st.read() for name, st in self._last_stats.items()}
         saes = {}
-        for name, s in stats.items():
-            saes[name] = dict(s, density_histogram=self.learners[name].density_histogram())
-            self.metrics.set_density(name, saes[name]["density_histogram"])
+        for name, vals in stats.items():
+            self.metrics.observe_step(name, vals)
+            hist = self.learners[name].density_histogram()
+            self.metrics.set_density(name, hist)
+            saes[name] = {**vals, "density_histogram": hist}
         fill = self.buffer.fill_ratio if self.buffer else 0.0
         self.history.append({"time": time.time(), "tokens": self.tokens, "tokens_per_second": rate,
                              "buffer_fill": fill, "saes": saes})
