@@ -43,7 +43,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from _common import load_average, table
 from streamd.stream.broker import free_port
 from streamd.config import KafkaConfig
-from streamd.stream.kafka import generation_pattern, make_admin
+from streamd.stream.kafka import make_admin
+from streamd.stream.retention import generation_pattern
 
 D_MODEL, WIRE_BYTES = 576, 2  # fp16 on the wire (producer.wire_dtype default)
 TOPIC = KafkaConfig().topic

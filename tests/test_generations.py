@@ -7,7 +7,8 @@ import threading
 import time
 
 from streamd.config import CheckpointConfig, MetricsConfig, SAEConfig, SiteSpec, StreamdConfig, TrainerConfig
-from streamd.stream.kafka import make_admin, parse_generation
+from streamd.stream.kafka import make_admin
+from streamd.stream.retention import parse_generation
 from streamd.produce.model import model_content_hash, site_id_hex
 from streamd.produce.producer import ActivationProducer
 from streamd.train.trainer import Trainer

@@ -9,7 +9,8 @@ from kafka import TopicPartition
 
 from streamd import wire
 from streamd.config import KafkaConfig
-from streamd.train.kafka_source import Chunk, KafkaActivationSource
+from streamd.train.kafka_source import KafkaActivationSource
+from streamd.train.source import Chunk
 from streamd.metrics import TrainerMetrics
 
 

@@ -19,7 +19,8 @@ import torch
 from streamd import wire
 from streamd.run import checkpoints
 from streamd.run.checkpoints import CheckpointStore
-from streamd.train.trainer import RunLockedError, Trainer
+from streamd.run.lock import RunLockedError
+from streamd.train.trainer import Trainer
 from tests.streamd_testing import (
     SITE_ID, consume_all, publish, random_acts, topic_messages, trace_counts, trainer_config, write_config,
 )

@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamd import wire
 from streamd.config import KafkaConfig, StreamdConfig
-from streamd.stream.kafka import ensure_topic, make_producer, topic_for
+from streamd.stream.kafka import ensure_topic, make_producer
+from streamd.stream.retention import Retention, retention_for
 from streamd.metrics import ProducerMetrics, publish_error_kind
 from streamd.produce.model import (
     TORCH_DTYPES, ActivationCapture, LoadedModel, configure_threads, load_frozen_model, pack_documents, site_id,
@@ -41,8 +42,10 @@ class Publisher:
     """Sends encoded messages with at most ``capacity`` unacknowledged, retrying failures with backoff."""
 
     def __init__(self, kafka: KafkaConfig, topics: list[str], metrics: ProducerMetrics, capacity: int,
-                 max_request_size: int, partitions: int, stop: threading.Event) -> None:
+                 max_request_size: int, partitions: int, stop: threading.Event,
+                 retention: Retention | None = None) -> None:
         self.kafka, self.topics, self.metrics, self.capacity, self.stop = kafka, topics, metrics, capacity, stop
+        self.retention = retention or retention_for(kafka)
         self.fatal: BaseException | None = None  # an error no retry can fix; the producer stops on it
         self.partitions, self.max_request_size = partitions, max_request_size
         self.producer = make_producer(kafka, max_request_size=max_request_size)
@@ -82,9 +85,9 @@ class Publisher:
             except queue.Empty:
                 continue
             topic, key, value, n_tokens, t0, attempt = item
-            if attempt and self.kafka.generation_seconds:
-                # a retry outlived its generation, which the trainer may have deleted: send it to the current one
-                topic = topic_for(self.kafka, topic.rsplit(".g", 1)[0], time.time())
+            if attempt:
+                # a retry may have outlived its topic, which the trainer may have released: send it to the current one
+                topic = self.retention.topic_for(self.retention.base_topic(topic))
                 item = (topic, *item[1:])
             try:
                 if self._recheck_topics.is_set():
@@ -126,9 +129,9 @@ class Publisher:
         timer.start()
 
     def switch_topics(self, topics: list[str]) -> None:
-        """Move to a new topic generation. Once the old one is acknowledged, the Kafka producer is replaced:
-        kafka-python refreshes metadata of every topic it ever wrote to, and Tansu re-creates a topic on a
-        metadata request, which would bring back generations the trainer deleted."""
+        """Move to new topics (the retention strategy rotated them). Once the old ones are acknowledged, the Kafka
+        producer is replaced: kafka-python refreshes metadata of every topic it ever wrote to, and Tansu re-creates
+        a topic on a metadata request, which would bring back topics the trainer released."""
         had_topics = bool(self.topics)
         self.topics = topics
         if had_topics and self._drain():
@@ -178,6 +181,7 @@ class ActivationProducer:
         self.metrics = ProducerMetrics(self.pcfg.producer_id)
         self.wire_dtype = TORCH_DTYPES[self.pcfg.wire_dtype]
         self.topics = {(s.site, s.layer): s.topic or cfg.kafka.topic for s in self.pcfg.sites}
+        self.retention = retention_for(cfg.kafka)
         self.site_ids = {
             (s.site, s.layer): site_id(self.loaded.model_hash, s.site, s.layer) for s in self.pcfg.sites
         }
@@ -196,7 +200,7 @@ class ActivationProducer:
         p = self.pcfg
         pub = Publisher(self.cfg.kafka, [], self.metrics, p.queue_max_messages,
                         max_request_size=p.max_message_bytes + 4096, partitions=self.cfg.kafka.partitions,
-                        stop=self.stop_event)
+                        stop=self.stop_event, retention=self.retention)
         key = p.producer_id.encode()
         windows = pack_documents(self.loaded.tokenizer, self._documents(), p.context_length)
         try:
@@ -226,9 +230,9 @@ class ActivationProducer:
         return self.tokens
 
     def _current_topics(self, pub: Publisher) -> dict[tuple[str, int], str]:
-        """Each site's topic now (its generation, when generations are on), created on first use."""
+        """Each site's topic now (as the retention strategy names it), created on first use."""
         now = time.time()
-        topics = {k: topic_for(self.cfg.kafka, base, now) for k, base in self.topics.items()}
+        topics = {k: self.retention.topic_for(base, now) for k, base in self.topics.items()}
         if set(topics.values()) != set(pub.topics):
             for t in set(topics.values()) - set(pub.topics):
                 ensure_topic(self.cfg.kafka, t, self.cfg.kafka.partitions)

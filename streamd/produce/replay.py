@@ -9,7 +9,7 @@ import torch
 
 from streamd import wire
 from streamd.config import KafkaConfig
-from streamd.train.kafka_source import load_activation_file
+from streamd.train.file_source import load_activation_file
 from streamd.stream.kafka import ensure_topic, make_producer
 from streamd.produce.producer import split_rows
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from typing import Any
 
 import kafka.errors as kerr
@@ -165,26 +164,6 @@ def delete_topic(cfg: KafkaConfig, topic: str | None = None) -> None:
         pass
     finally:
         admin.close()
-
-
-def generation_of(cfg: KafkaConfig, now: float) -> int:
-    """The topic generation a producer writes to at wall-clock ``now`` (aligned across producers)."""
-    return int(now // cfg.generation_seconds)
-
-
-def topic_for(cfg: KafkaConfig, base: str, now: float) -> str:
-    """The topic to write ``base``'s activations to now: ``base`` itself, or its current generation."""
-    return f"{base}.g{generation_of(cfg, now):010d}" if cfg.generation_seconds else base
-
-
-def generation_pattern(base: str) -> str:
-    """The regex a consumer subscribes to, to read every generation of ``base``."""
-    return rf"^{re.escape(base)}\.g\d{{10}}$"
-
-
-def parse_generation(topic: str) -> int | None:
-    m = re.search(r"\.g(\d{10})$", topic)
-    return int(m.group(1)) if m else None
 
 
 def end_offsets(cfg: KafkaConfig, topics: list[str]) -> dict[tuple[str, int], int]:

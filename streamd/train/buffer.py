@@ -41,6 +41,15 @@ class ShuffleBuffer:
         self._gen = generator if generator is not None else torch.Generator().manual_seed(0)
 
     @property
+    def rng_state(self) -> torch.Tensor:
+        """The state of the sampling generator (in a checkpoint, so a resumed run draws the same batches)."""
+        return self._gen.get_state()
+
+    @rng_state.setter
+    def rng_state(self, state: torch.Tensor) -> None:
+        self._gen.set_state(state)
+
+    @property
     def free_slots(self) -> int:
         return len(self._free) - self._next_free
 

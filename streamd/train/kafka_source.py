@@ -1,21 +1,15 @@
-"""Ingestion: activation chunks from Kafka (a consumer-group thread) or from cached files, behind one interface.
+"""The stream as an activation source: a consumer thread reads the activation topic(s) into a token-bounded queue.
 
-A chunk carries its origin (source key = topic/partition or file, offset) so the trainer can tell, at checkpoint time,
-from where every untrained token can be read again. Messages that fail validation are counted by reason, logged and
-skipped; they never reach the buffer and never stop the thread.
+Messages that fail validation are counted by reason, logged and skipped; they never reach the buffer and never stop
+the thread. Which topics are read, what is released once trained, and when the broker lost its log are the
+retention strategy's call (``streamd.stream.retention``); every kafka-python call stays on the consumer thread.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import re
 import threading
 import time
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 import torch
 from kafka import OffsetAndMetadata, TopicPartition
@@ -24,75 +18,15 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from streamd import wire
 from streamd.config import KafkaConfig
-from streamd.stream.kafka import delete_topic, generation_pattern, make_consumer
 from streamd.metrics import TrainerMetrics
+from streamd.stream.kafka import make_consumer
+from streamd.stream.retention import Retention, retention_for
+from streamd.train.source import Chunk, SourceKey, TokenQueue
 
 log = logging.getLogger(__name__)
 
-SourceKey = tuple[str, int]  # (topic or file, partition)
-
-
-@dataclass
-class Chunk:
-    acts: torch.Tensor  # [n, d] in the buffer dtype, owned (not a view on Kafka's bytes)
-    key: SourceKey
-    offset: int
-    producer_id: str
-    seq: int
-
-
-class ActivationSource(Protocol):
-    def start(self) -> None: ...
-    def get(self, timeout: float) -> Chunk | None: ...
-    def positions(self) -> dict[SourceKey, int]:
-        """Per source key, the next offset not yet handed out: where to resume when nothing is pending."""
-        ...
-    def queued_offsets(self) -> dict[SourceKey, int]:
-        """Per source key, the lowest offset read but not yet handed out."""
-        ...
-    def commit(self, offsets: dict[SourceKey, int]) -> None: ...
-    def close(self) -> None: ...
-    @property
-    def exhausted(self) -> bool: ...
-
-
-class TokenQueue:
-    """A FIFO bounded in tokens: the reader blocks when the trainer falls behind (memory stays bounded)."""
-
-    def __init__(self, max_tokens: int) -> None:
-        self.max_tokens = max_tokens
-        self.tokens = 0
-        self._q: collections.deque[Chunk] = collections.deque()
-        self._cv = threading.Condition()
-
-    def put(self, chunk: Chunk, stop: threading.Event) -> bool:
-        with self._cv:
-            while self.tokens > 0 and self.tokens + chunk.acts.shape[0] > self.max_tokens:
-                if stop.is_set():
-                    return False
-                self._cv.wait(0.2)
-            self._q.append(chunk)
-            self.tokens += chunk.acts.shape[0]
-            self._cv.notify_all()
-            return True
-
-    def get(self, timeout: float) -> Chunk | None:
-        with self._cv:
-            if not self._q:
-                self._cv.wait(timeout)
-            if not self._q:
-                return None
-            chunk = self._q.popleft()
-            self.tokens -= chunk.acts.shape[0]
-            self._cv.notify_all()
-            return chunk
-
-    def min_offsets(self) -> dict[SourceKey, int]:
-        with self._cv:
-            out: dict[SourceKey, int] = {}
-            for c in self._q:
-                out[c.key] = min(out.get(c.key, c.offset), c.offset)
-            return out
+LAG_CHECK_SECONDS = 5.0
+FOLLOW_CHECK_SECONDS = 3.0
 
 
 class KafkaActivationSource:
@@ -114,8 +48,10 @@ class KafkaActivationSource:
         reread_below: dict[SourceKey, int] | None = None,
         pin_memory: bool = False,
         torch_threads: int | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.kafka, self.topic, self.group_id, self.metrics = kafka, topic, group_id, metrics
+        self.retention = retention or retention_for(kafka)
         self.expected_site_id, self.d_in = expected_site_id, d_in
         self.dtype, self.pin_memory, self.torch_threads = dtype, pin_memory, torch_threads
         self.start_offsets = dict(start_offsets or {})
@@ -128,12 +64,12 @@ class KafkaActivationSource:
         self._thread = threading.Thread(target=self._run, name="streamd-ingest", daemon=True)
         self.error: BaseException | None = None
         self.assigned = threading.Event()
-        self._fresh: set[TopicPartition] = set()
-        self._to_retire: set[str] = set()
+        self.exhausted = False  # a stream never ends
+        self._fresh: set[TopicPartition] = set()  # assigned, paused until placed by _position_assigned
         self._committed_parts: set[SourceKey] = set()  # partitions whose committed offset we wrote
-        self._retired: set[str] = set()
-
-    exhausted = False  # a stream never ends
+        self._last_seq: dict[str, int] = {}  # per producer, the highest seq consumed
+        self._lag_at = 0.0
+        self._follow_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -145,17 +81,7 @@ class KafkaActivationSource:
 
     def positions(self) -> dict[SourceKey, int]:
         with self._lock:
-            return dict(self._positions)
-
-    def retire(self, topic: str) -> None:
-        """Ask the consumer thread to stop reading a generation topic and delete it (it is trained and
-        checkpointed). The thread unassigns it first: a fetch of a deleted topic makes Tansu create it again."""
-        with self._lock:
-            self._to_retire.add(topic)
-            for key in [k for k in self._positions if k[0] == topic]:
-                del self._positions[key]
-            if self._commit_req:
-                self._commit_req = {k: v for k, v in self._commit_req.items() if k[0] != topic}
+            return {k: v for k, v in self._positions.items() if not self.retention.is_released(k[0])}
 
     def queued_offsets(self) -> dict[SourceKey, int]:
         return self.queue.min_offsets()
@@ -169,6 +95,10 @@ class KafkaActivationSource:
         self._stop.set()
         self._thread.join(timeout=30)
 
+    def place_later(self, parts) -> None:
+        """Partitions just assigned (and paused) by the group: the consumer thread places them before reading."""
+        self._fresh |= set(parts)
+
     # --- consumer thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -176,15 +106,14 @@ class KafkaActivationSource:
             torch.set_num_threads(self.torch_threads)
         try:
             consumer = make_consumer(self.kafka, group_id=self.group_id)
-            generations = bool(self.kafka.generation_seconds)
             try:
-                if not generations:
+                if not self.retention.rotates:
                     consumer.subscribe([self.topic], listener=_Rebalance(self, consumer))
                 while not self._stop.is_set():
                     polled: dict = {}
                     try:
-                        if generations:
-                            consumer = self._follow_generations(consumer)
+                        if self.retention.rotates:
+                            consumer = self._follow(consumer)
                         self._maybe_commit(consumer)
                         self._check_broker(consumer)
                         polled = consumer.poll(timeout_ms=200)
@@ -233,8 +162,9 @@ class KafkaActivationSource:
         if self.pin_memory:
             acts = acts.pin_memory()
         self.metrics.tokens_consumed.labels(producer=msg.producer_id).inc(msg.n_tokens)
-        last = self.metrics.producer_last_seq.labels(producer=msg.producer_id)
-        last.set(max(last._value.get(), msg.seq))
+        last = max(self._last_seq.get(msg.producer_id, msg.seq), msg.seq)
+        self._last_seq[msg.producer_id] = last
+        self.metrics.producer_last_seq.labels(producer=msg.producer_id).set(last)
         chunk = Chunk(acts=acts, key=key, offset=rec.offset, producer_id=msg.producer_id, seq=msg.seq)
         if not self.queue.put(chunk, self._stop):
             return False  # never handed out: the position stays on it
@@ -248,6 +178,7 @@ class KafkaActivationSource:
     def _maybe_commit(self, consumer) -> None:
         with self._lock:
             req, self._commit_req = self._commit_req, None
+        req = {k: v for k, v in (req or {}).items() if not self.retention.is_released(k[0])}
         if not req:
             return
         try:
@@ -257,51 +188,43 @@ class KafkaActivationSource:
         except KafkaError as e:  # the checkpoint holds these offsets too, and they win on resume
             log.warning("committing offsets to group %s failed: %s", self.group_id, e)
 
-    _lag_at = 0.0
-
     def _check_broker(self, consumer) -> None:
-        """Every few seconds: consumer lag from end offsets (right on Kafka; low on Tansu, see README), and a broker
-        that lost its data (Tansu's memory storage after a restart): an empty log where we had read, or the group's
-        committed offsets gone. A consumer's position survives that, and Tansu answers fetches past the end with
-        nothing, so without this the trainer would wait for the new log to grow past the old position."""
-        if time.monotonic() - self._lag_at < 5:
+        """Every few seconds: consumer lag from end offsets (right on Kafka; low on Tansu, see README), and the
+        partitions whose log the broker lost (the retention strategy's judgement), read again from the start."""
+        if time.monotonic() - self._lag_at < LAG_CHECK_SECONDS:
             return
         self._lag_at = time.monotonic()
         parts = consumer.assignment()
         if not parts:
             return
-        ends = consumer.end_offsets(list(parts))
+        ends = {(tp.topic, tp.partition): end for tp, end in consumer.end_offsets(list(parts)).items()}
         positions = self.positions()
-        judged = [tp for tp in parts if (tp.topic, tp.partition) in self._committed_parts]
-        lost = bool(judged) and all(consumer.committed(tp) is None for tp in judged)
-        for tp, end in ends.items():
-            pos = positions.get((tp.topic, tp.partition), 0)
-            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(end - pos, 0))
-            if lost or (end == 0 and pos > 0):
-                log.warning("%s[%d]: the broker lost its log (position %d, end %d): reading from the earliest",
-                            tp.topic, tp.partition, pos, end)
-                self.metrics.offset_resets.inc()
-                consumer.seek_to_beginning(tp)
-                with self._lock:
-                    self._positions[(tp.topic, tp.partition)] = 0
-        if lost:
-            self._committed_parts.clear()
+        committed = {(tp.topic, tp.partition): consumer.committed(tp)
+                     for tp in parts if (tp.topic, tp.partition) in self._committed_parts}
+        for (topic, part), end in ends.items():
+            pos = positions.get((topic, part), 0)
+            self.metrics.consumer_lag.labels(topic=topic, partition=str(part)).set(max(end - pos, 0))
+        lost = self.retention.lost_logs(ends, positions, committed)
+        for topic, part in lost:
+            log.warning("%s[%d]: the broker lost its log (position %d, end %d): reading from the earliest",
+                        topic, part, positions.get((topic, part), 0), ends[(topic, part)])
+            self.metrics.offset_resets.inc()
+            consumer.seek_to_beginning(TopicPartition(topic, part))
+            with self._lock:
+                self._positions[(topic, part)] = 0
+        self._committed_parts -= set(lost)  # their commits went with the log: judged again once re-committed
 
-    _generations_at = 0.0
-
-    def _follow_generations(self, consumer):
-        """Generation mode: assign every partition of every generation topic, checked every few seconds. A group
+    def _follow(self, consumer):
+        """Rotating topics: assign every partition of every topic to follow, checked every few seconds. A group
         subscription would pause consumption for a rebalance (seconds) at each new topic; one trainer per group
         reads the whole stream anyway, and commits still go to the group. Returns the consumer to use next."""
-        with self._lock:
-            retiring, self._to_retire = self._to_retire, set()
-        if retiring:
-            consumer = self._retire_now(consumer, retiring)
-        if time.monotonic() - self._generations_at < 3:
+        released = self.retention.take_released()
+        if released:
+            consumer = self._drop(consumer, released)
+        if time.monotonic() - self._follow_at < FOLLOW_CHECK_SECONDS:
             return consumer
-        self._generations_at = time.monotonic()
-        pattern = re.compile(generation_pattern(self.topic))
-        topics = [t for t in consumer.topics() if pattern.match(t) and t not in self._retired]
+        self._follow_at = time.monotonic()
+        topics = self.retention.topics_to_follow(self.topic, consumer.topics())
         parts = {TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()}
         current = consumer.assignment()
         if parts != current:
@@ -310,23 +233,17 @@ class KafkaActivationSource:
             log.info("following generations: %s", sorted(topics))
         return consumer
 
-    def _retire_now(self, consumer, topics: set[str]):
-        """Delete retired topics with a new consumer: kafka-python keeps refreshing metadata of every topic it ever
-        read, even unassigned, and Tansu re-creates a topic on a metadata request. Kept partitions resume exactly
-        where this thread stopped handing records out."""
+    def _drop(self, consumer, topics: set[str]):
+        """Stop reading released topics, then let the strategy delete them, with a new consumer: kafka-python keeps
+        refreshing metadata of every topic it ever read, even unassigned, and Tansu re-creates a topic on a
+        metadata request (or a fetch). Kept partitions resume exactly where this thread stopped handing records
+        out."""
         keep = sorted(tp for tp in consumer.assignment() if tp.topic not in topics)
         consumer.close(autocommit=False)
-        self._retired |= topics  # never assigned again, whether or not the delete goes through now
-        for topic in sorted(topics):
-            try:
-                delete_topic(self.kafka, topic)
-            except KafkaError as e:
-                log.warning("deleting %s failed, will retry: %s", topic, e)
-                with self._lock:
-                    self._to_retire.add(topic)
-                continue
-            self.metrics.generations_retired.inc()
-            log.info("retired generation topic %s (trained and checkpointed)", topic)
+        with self._lock:
+            for key in [k for k in self._positions if k[0] in topics]:
+                del self._positions[key]
+        self.metrics.generations_retired.inc(self.retention.delete(topics))
         while True:
             try:
                 consumer = make_consumer(self.kafka, group_id=self.group_id)
@@ -395,75 +312,4 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
         if assigned:
             self.consumer.pause(*assigned)
-            self.source._fresh |= set(assigned)
-
-
-class FileActivationSource:
-    """Cached activations (``.npy`` or ``.safetensors``, [n_tokens, d_in]) trained the same way as the stream.
-
-    The offset is the row index, so resume works as for Kafka; ``loop`` restarts at row 0 when the file ends.
-    """
-
-    def __init__(self, path: Path, chunk_tokens: int, dtype: torch.dtype = torch.float32, loop: bool = False,
-                 start_row: int = 0) -> None:
-        self.path, self.chunk_tokens, self.dtype, self.loop = Path(path), chunk_tokens, dtype, loop
-        self.acts = load_activation_file(self.path)
-        self.key: SourceKey = (f"file:{self.path.name}", 0)
-        self._row = 0 if loop and start_row >= len(self.acts) else start_row  # a finished run stays finished
-        self.exhausted = False
-
-    @property
-    def d_in(self) -> int:
-        return self.acts.shape[1]
-
-    def start(self) -> None:
-        pass
-
-    def get(self, timeout: float) -> Chunk | None:
-        if self._row >= len(self.acts):
-            if not self.loop:
-                self.exhausted = True
-                return None
-            self._row = 0
-        lo, hi = self._row, min(self._row + self.chunk_tokens, len(self.acts))
-        self._row = hi
-        return Chunk(self.acts[lo:hi].to(self.dtype), self.key, lo, self.path.name, lo // self.chunk_tokens)
-
-    def positions(self) -> dict[SourceKey, int]:
-        return {self.key: self._row}
-
-    def queued_offsets(self) -> dict[SourceKey, int]:
-        return {}
-
-    def commit(self, offsets: dict[SourceKey, int]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def load_activation_file(path: Path) -> torch.Tensor:
-    """Load a [n_tokens, d_in] activation array from ``.npy`` (memory-mapped) or ``.safetensors`` (one tensor)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"activation file {path} does not exist")
-    if path.suffix == ".npy":
-        import numpy as np
-
-        arr = np.load(path, mmap_mode="r")  # chunks are copied out as they are read: the map stays read-only
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        if len(tensors) != 1:
-            raise ValueError(f"{path} must hold exactly one tensor, found {sorted(tensors)}")
-        t = next(iter(tensors.values()))
-    else:
-        raise ValueError(f"{path}: expected a .npy or .safetensors file")
-    if t.dim() != 2:
-        raise ValueError(f"{path}: activations must be [n_tokens, d_in], got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{path}: holds non-finite values")
-    return t
+            self.source.place_later(assigned)

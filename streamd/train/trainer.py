@@ -1,17 +1,17 @@
-"""The trainer loop: ingest -> shuffle buffer -> step every SAE -> metrics / history -> checkpoint cadence.
+"""The trainer loop: ingest -> step every SAE -> maybe evaluate -> maybe record -> maybe checkpoint.
 
-One trainer process is one run: one run directory (locked), one consumer group, any number of SAEs trained on the same
-batches. Offsets are committed to Kafka only after a checkpoint is durable, and a checkpoint names per partition the
+One trainer process is one run: one run directory (locked), one consumer group, any number of SAEs trained on the
+same batches. The loop's parts: ``intake.Intake`` (source -> held-out eval set, norm scale, shuffle buffer; resume
+offsets), ``checkpointer.Checkpointer`` (a durable checkpoint, then offsets committed, then the retention strategy
+releases what is trained), ``Cadence`` (when to evaluate, record and checkpoint) and ``TraceFile`` (which tokens each
+step trained). Offsets are committed only after a checkpoint is durable, and a checkpoint names per partition the
 offset from which every untrained token can be read again, so a SIGKILL loses no token.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,45 +19,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from kafka.errors import KafkaError
 
 from streamd import __version__, wire
-from streamd.train.buffer import ShuffleBuffer
-from streamd.run.checkpoints import CheckpointError, CheckpointStore, SAEExport
-from streamd.config import StreamdConfig
-from streamd.run.history import MetricsHistory
-from streamd.train.kafka_source import ActivationSource, Chunk, FileActivationSource, KafkaActivationSource, SourceKey
-from streamd.stream.kafka import end_offsets, ensure_topic, generation_of, parse_generation
-from streamd.train.learner import Learner, StepStats
+from streamd.config import CheckpointConfig, StreamdConfig, TrainerConfig
 from streamd.metrics import STEP_STATS, TrainerMetrics
 from streamd.produce.model import TORCH_DTYPES, configure_threads
+from streamd.run.checkpoints import CheckpointStore
+from streamd.run.history import MetricsHistory
+from streamd.run.lock import RunLock, RunLockedError
 from streamd.run.server import StatusServer
+from streamd.stream.retention import Retention, retention_for
+from streamd.train.buffer import ShuffleBuffer
+from streamd.train.checkpointer import Checkpointer, Resume, read_resume
+from streamd.train.file_source import FileActivationSource
+from streamd.train.intake import Intake
+from streamd.train.kafka_source import KafkaActivationSource
+from streamd.train.learner import Learner, StepStats
+from streamd.train.source import ActivationSource
+
+__all__ = ["Progress", "RunLockedError", "Trainer", "expected_site_id", "resolve_device"]
 
 log = logging.getLogger(__name__)
-
-class RunLockedError(RuntimeError):
-    pass
-
-
-class RunLock:
-    """An advisory lock on RUN/LOCK: a second trainer on the same run directory fails fast instead of corrupting it."""
-
-    def __init__(self, run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "LOCK"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
-            os.close(self._fd)
-            raise RunLockedError(f"run directory {run_dir} is in use by another trainer (pid {holder or '?'})") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,6 +58,36 @@ def expected_site_id(cfg: StreamdConfig) -> int:
     return site_id(model_content_hash(path), cfg.trainer.site.site, cfg.trainer.site.layer)
 
 
+def open_source(cfg: StreamdConfig, metrics: TrainerMetrics, retention: Retention, resume: Resume,
+                dtype: torch.dtype, device: torch.device, path: Path | None = None,
+                loop: bool = False) -> tuple[ActivationSource, int | None]:
+    """The run's source, placed where the checkpoint left it: a cached file, or the stream. Returns it with the
+    site id it accepts (None for a file)."""
+    t = cfg.trainer
+    if path is not None:
+        path = Path(path)
+        start = resume.start_offsets.get(FileActivationSource.key_for(path), 0)
+        src = FileActivationSource(path, chunk_tokens=1024, dtype=dtype, loop=loop, start_row=start)
+        if t.d_in is not None and src.d_in != t.d_in:
+            raise ValueError(f"{path} holds d_in {src.d_in}, trainer.d_in is {t.d_in}")
+        if not loop and len(src.acts) < t.buffer_tokens + t.eval_tokens:
+            raise ValueError(f"{path} holds {len(src.acts)} tokens, fewer than trainer.buffer_tokens + "
+                             f"trainer.eval_tokens ({t.buffer_tokens + t.eval_tokens}): nothing would be trained "
+                             "(use --loop, or a smaller buffer)")
+        return src, None
+    topic = t.site.topic or cfg.kafka.topic
+    retention.prepare(topic)
+    site = expected_site_id(cfg)
+    d_in = t.d_in or (resume.state or {}).get("d_in")
+    src = KafkaActivationSource(
+        cfg.kafka, topic, t.group_id, metrics,
+        expected_site_id=site, d_in=d_in, queue_tokens=max(4 * t.batch_size, 65536), dtype=dtype,
+        start_offsets=resume.start_offsets, reread_below=resume.reread_below, pin_memory=device.type == "cuda",
+        torch_threads=t.torch_threads, retention=retention,
+    )
+    return src, site
+
+
 @dataclass
 class Progress:
     tokens: int
@@ -91,6 +103,66 @@ class Progress:
         for name, vals in self.saes.items():
             parts.append(f"[{name}] " + " ".join(f"{s.label} {vals[s.key]:{s.fmt}}" for s in shown))
         return " | ".join(parts)
+
+
+class Cadence:
+    """When to evaluate, record progress and checkpoint, by tokens trained and wall-clock time since the last."""
+
+    def __init__(self, tcfg: TrainerConfig, ck: CheckpointConfig, progress_every_s: float, tokens: int) -> None:
+        now = time.monotonic()
+        self.eval_every_tokens, self.progress_every_s = tcfg.eval_every_tokens, progress_every_s
+        self.ck_every_tokens, self.ck_every_seconds = ck.every_tokens, ck.every_seconds
+        self.eval_tokens = self.record_tokens = self.ck_tokens = tokens
+        self.record_time = self.ck_time = now
+
+    def evaluate_due(self, tokens: int) -> bool:
+        return tokens - self.eval_tokens >= self.eval_every_tokens
+
+    def evaluated(self, tokens: int) -> None:
+        self.eval_tokens = tokens
+
+    def record_due(self, now: float) -> bool:
+        return now - self.record_time >= self.progress_every_s
+
+    def recorded(self, tokens: int, now: float) -> float:
+        """Mark a record done; returns the token rate since the last one."""
+        rate = (tokens - self.record_tokens) / max(now - self.record_time, 1e-9)
+        self.record_tokens, self.record_time = tokens, now
+        return rate
+
+    def checkpoint_due(self, tokens: int, now: float) -> bool:
+        return bool(self.ck_every_tokens and tokens - self.ck_tokens >= self.ck_every_tokens) or bool(
+            self.ck_every_seconds and now - self.ck_time >= self.ck_every_seconds)
+
+    def checkpointed(self, tokens: int) -> None:
+        self.ck_tokens, self.ck_time = tokens, time.monotonic()
+
+    def unsaved(self, tokens: int) -> bool:
+        return tokens != self.ck_tokens
+
+
+class TraceFile:
+    """With ``trainer.trace_file``: one JSON line per step, the trainer's token count and, per message, how many of
+    its tokens were trained (``served``: [topic or file, partition, offset, tokens])."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._f = None
+
+    def open(self) -> None:
+        if self.path:
+            self._f = open(self.path, "a")
+
+    def write(self, tokens: int, served: Callable[[], list]) -> None:
+        if self._f is None:
+            return
+        self._f.write(json.dumps({"tokens": tokens, "served": served()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
 class Trainer:
@@ -117,36 +189,25 @@ class Trainer:
             raise
 
     def _open(self, cfg: StreamdConfig, activation_file: Path | None, loop_file: bool) -> None:
-        """Everything the run holds besides its lock: state to resume, source, metrics, server."""
+        """Everything the run holds besides its lock: state to resume, source, intake, metrics, server."""
         self.store = CheckpointStore(self.tcfg.run_dir, cfg.checkpoints.keep_last)
         self.metrics = TrainerMetrics([s.name for s in self.tcfg.saes], wire.REJECT_REASONS, version=__version__)
         self.history = MetricsHistory(self.tcfg.run_dir / "metrics.jsonl", self.tcfg.history_max_bytes)
         self.metrics.buffer_tokens.set(0)
-        self.tokens = 0
-        self.scale: float | None = None
-        self.eval_set: torch.Tensor | None = None
         self.learners: dict[str, Learner] = {}
-        self._last_stats: dict[str, StepStats] = {}
-        self.buffer: ShuffleBuffer | None = None
-        self.keys: list[SourceKey] = []  # buffer slots store an index into this list
-        self._key_ids: dict[SourceKey, int] = {}
-        self._pending: Chunk | None = None
-        self._last_fill_note = 0.0
-        self._norm_sample: list[torch.Tensor] = []
-        self._resume_state: dict | None = None
-        self._site_id: int | None = None
-        start_offsets: dict[SourceKey, int] = {}
-        reread_below: dict[SourceKey, int] = {}
-        latest = self.store.latest()
-        if latest is not None:
-            self._resume_state = self.store.read_trainer_state(latest)
-            for topic, parts in self.store.read_offsets(latest).items():
-                for part, off in parts.items():
-                    start_offsets[(topic, int(part))] = off
-            reread_below = {tuple(k): v for k, v in self._resume_state["positions"]}
-            self.tokens = self._resume_state["tokens"]
-            log.info("resuming from checkpoint %s at %d tokens", latest.name, self.tokens)
-        self.source = self._make_source(activation_file, loop_file, start_offsets, reread_below)
+        self._last_stats: dict[str, StepStats] = {}  # the last step's, read at the progress cadence
+        self.trace = TraceFile(self.tcfg.trace_file)
+        self.cadence: Cadence | None = None  # from run() on
+        resume = read_resume(self.store)
+        self.tokens = resume.tokens
+        self._resume_state = resume.state
+        retention = retention_for(cfg.kafka)
+        source, site = open_source(cfg, self.metrics, retention, resume, self.dtype, self.device, activation_file,
+                                   loop_file)
+        state = resume.state or {}
+        self.intake = Intake(source, self.tcfg, self.metrics, self._set_up, self.stop_event,
+                             on_filling=self._note_filling, scale=state.get("scale"), eval_set=state.get("eval_set"))
+        self.checkpointer = Checkpointer(cfg, self.store, self.metrics, retention, site)
         token = self.cfg.metrics.checkpoint_token
         tls = (cfg.metrics.tls_certfile, cfg.metrics.tls_keyfile) if cfg.metrics.tls_certfile else None
         self.server = StatusServer(
@@ -154,49 +215,41 @@ class Trainer:
             token=token.get_secret_value() if token else None, tls=tls,
         ).start()  # /healthz and /readyz answer from construction on, while the first activations are awaited
 
+    # --- what the intake holds ----------------------------------------------------------------------------------
+
+    @property
+    def source(self) -> ActivationSource:
+        return self.intake.source
+
+    @property
+    def buffer(self) -> ShuffleBuffer | None:
+        return self.intake.buffer
+
+    @property
+    def scale(self) -> float | None:
+        return self.intake.scale
+
+    @property
+    def eval_set(self) -> torch.Tensor | None:
+        return self.intake.eval_set
+
     # --- set-up -------------------------------------------------------------------------------------------------
 
-    def _make_source(self, path, loop, start_offsets, reread_below) -> ActivationSource:
-        t = self.tcfg
-        if path is not None:
-            start = next((o for (k, _), o in start_offsets.items() if k == f"file:{Path(path).name}"), 0)
-            src = FileActivationSource(Path(path), chunk_tokens=1024, dtype=self.dtype, loop=loop, start_row=start)
-            if t.d_in is not None and src.d_in != t.d_in:
-                raise ValueError(f"{path} holds d_in {src.d_in}, trainer.d_in is {t.d_in}")
-            if not loop and len(src.acts) < t.buffer_tokens + t.eval_tokens:
-                raise ValueError(f"{path} holds {len(src.acts)} tokens, fewer than trainer.buffer_tokens + "
-                                 f"trainer.eval_tokens ({t.buffer_tokens + t.eval_tokens}): nothing would be trained "
-                                 "(use --loop, or a smaller buffer)")
-            return src
-        topic = t.site.topic or self.cfg.kafka.topic
-        if not self.cfg.kafka.generation_seconds:
-            ensure_topic(self.cfg.kafka, topic, self.cfg.kafka.partitions)
-        self._site_id = expected_site_id(self.cfg)
-        d_in = t.d_in or (self._resume_state or {}).get("d_in")
-        return KafkaActivationSource(
-            self.cfg.kafka, topic, t.group_id, self.metrics,
-            expected_site_id=self._site_id, d_in=d_in, queue_tokens=max(4 * t.batch_size, 65536), dtype=self.dtype,
-            start_offsets=start_offsets, reread_below=reread_below, pin_memory=self.device.type == "cuda",
-            torch_threads=t.torch_threads,
-        )
-
-    def _init_models(self, d_in: int) -> None:
+    def _set_up(self, d_in: int) -> ShuffleBuffer:
         """Build buffer and learners once d_in is known (from config, the resumed state or the first message)."""
         t = self.tcfg
-        gen = torch.Generator().manual_seed(t.saes[0].seed + 1)
-        self.buffer = ShuffleBuffer(
+        buffer = ShuffleBuffer(
             t.buffer_tokens, d_in, t.batch_size, max_age=int(t.max_token_age_buffers * t.buffer_tokens),
-            dtype=self.dtype, device=self.device, generator=gen,
+            dtype=self.dtype, device=self.device, generator=torch.Generator().manual_seed(t.saes[0].seed + 1),
         )
         self.learners = {s.name: Learner(s, d_in, t, self.device) for s in t.saes}
         state = self._resume_state
         if state is not None:
-            self.scale = state["scale"]
-            self.eval_set = state["eval_set"]
-            gen.set_state(state["buffer_rng"])
+            buffer.rng_state = state["buffer_rng"]
             for name, learner in self.learners.items():
                 learner.load_state_dict(state["learners"][name])
         self.metrics.buffer_tokens.set(t.buffer_tokens)
+        return buffer
 
     def ready(self) -> tuple[bool, str]:
         if self.buffer is None:
@@ -205,66 +258,45 @@ class Trainer:
             return False, f"filling the shuffle buffer ({self.buffer.fill_ratio:.0%})"
         return True, "training"
 
-    # --- ingest -------------------------------------------------------------------------------------------------
+    def _note_filling(self, fill: float) -> None:
+        if self.on_progress:
+            self.on_progress(Progress(self.tokens, 0.0, fill))
 
-    def _key_index(self, key: SourceKey) -> int:
-        if key not in self._key_ids:
-            self._key_ids[key] = len(self.keys)
-            self.keys.append(key)
-        return self._key_ids[key]
+    # --- the loop -----------------------------------------------------------------------------------------------
 
-    def _take(self, chunk: Chunk) -> Chunk | None:
-        """Route a chunk: held-out eval set first, then the norm estimate sample, then the buffer. Returns what is
-        left over when the buffer is full."""
-        acts = chunk.acts
-        if self.eval_set is None or len(self.eval_set) < self.tcfg.eval_tokens:
-            have = 0 if self.eval_set is None else len(self.eval_set)
-            k = min(self.tcfg.eval_tokens - have, len(acts))
-            part = acts[:k].to(torch.float16)
-            self.eval_set = part if self.eval_set is None else torch.cat([self.eval_set, part])
-            acts = acts[k:]
-            if len(acts) == 0:
-                return None
-            chunk = Chunk(acts, chunk.key, chunk.offset, chunk.producer_id, chunk.seq)
-        if self.scale is None:
-            self._norm_sample.append(acts[: self.tcfg.norm_estimate_tokens].float())
-            if sum(len(a) for a in self._norm_sample) >= min(self.tcfg.norm_estimate_tokens, self.tcfg.buffer_tokens):
-                self._fix_scale()
-        k = self.buffer.add(acts, self._key_index(chunk.key), chunk.offset)
-        if k == len(acts):
-            return None
-        return Chunk(acts[k:], chunk.key, chunk.offset, chunk.producer_id, chunk.seq)
+    def run(self) -> int:
+        """Train until max_tokens, the end of a file source, or stop(); always leaves a final checkpoint."""
+        t = self.tcfg
+        self.trace.open()
+        self.source.start()
+        self.cadence = Cadence(t, self.cfg.checkpoints, self.progress_every_s, self.tokens)
+        try:
+            while not self.stop_event.is_set() and (t.max_tokens is None or self.tokens < t.max_tokens):
+                if not self._ingest():
+                    break
+                self._step()
+                now = time.monotonic()
+                self._maybe_evaluate()
+                self._maybe_record(now)
+                self._maybe_checkpoint(now)
+            if self._last_stats:  # the final state, whatever the cadence
+                self._record(self.cadence.recorded(self.tokens, time.monotonic()))
+            if self.learners and self.cadence.unsaved(self.tokens):
+                self.evaluate()
+                self.checkpoint()
+        finally:
+            self.source.close()
+            self.server.stop()
+            self.lock.release()
+            self.trace.close()
+        return self.tokens
 
-    def _fix_scale(self) -> None:
-        """Constant scale with E||x * scale|| = sqrt(d_in) (Anthropic's normalisation), from the first tokens."""
-        sample = torch.cat(self._norm_sample)
-        self.scale = math.sqrt(sample.shape[1]) / float(sample.norm(dim=-1).mean().clamp_min(1e-12))
-        self._norm_sample = []
-        log.info("activation scale fixed at %.6g from %d tokens", self.scale, len(sample))
-
-    def _fill(self) -> bool:
-        """Fill the buffer's free slots; returns False when the source ended or a stop was asked before it filled."""
-        while self.buffer is None or not self.buffer.full:
-            if self.stop_event.is_set():
-                return False
-            chunk = self._pending or self.source.get(timeout=0.5)
-            self._pending = None
-            if chunk is None:
-                if self.source.exhausted or self.stop_event.is_set():
-                    return False
-                continue
-            if self.buffer is None:
-                self._init_models(chunk.acts.shape[1])
-            self._pending = self._take(chunk)
-            self.metrics.buffer_fill_ratio.set(self.buffer.fill_ratio)
-            if self.buffer.served == 0 and self.on_progress and time.monotonic() - self._last_fill_note > 10:
-                self._last_fill_note = time.monotonic()
-                self.on_progress(Progress(self.tokens, 0.0, self.buffer.fill_ratio))
-        if self.scale is None:
-            self._fix_scale()
+    def _ingest(self) -> bool:
+        """Fill the buffer; False when the source ended or a stop came first."""
+        if not self.intake.fill():
+            return False
+        self.metrics.training_ready.set(1)
         return True
-
-    # --- train --------------------------------------------------------------------------------------------------
 
     def _step(self) -> None:
         x = self.buffer.sample() * self.scale
@@ -273,16 +305,7 @@ class Trainer:
             self.metrics.tokens_trained.labels(sae=name).inc(len(x))
         self.tokens += len(x)
         self.metrics.buffer_fill_ratio.set(self.buffer.fill_ratio)
-        if self._trace is not None:
-            self._write_trace()
-
-    def _write_trace(self) -> None:
-        """One line per step: the trainer's token count and, per message, how many of its tokens were trained."""
-        src, off = self.buffer.last_origins
-        pairs, counts = torch.unique(torch.stack([src.long(), off]), dim=1, return_counts=True)
-        served = [[*self.keys[s], o, c] for (s, o), c in zip(pairs.T.tolist(), counts.tolist())]
-        self._trace.write(json.dumps({"tokens": self.tokens, "served": served}) + "\n")
-        self._trace.flush()
+        self.trace.write(self.tokens, self.intake.last_served)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         if self.eval_set is None or len(self.eval_set) == 0:
@@ -293,122 +316,26 @@ class Trainer:
             self.metrics.observe_step(name, {"eval_fvu": r["fvu"], "eval_l0": r["l0"]})
         return out
 
-    def resume_offsets(self) -> tuple[dict[SourceKey, int], dict[SourceKey, int]]:
-        """(offsets to resume from, positions read so far). Positions are taken before the queue so that a record
-        handed over in between is seen in one or the other, never in neither."""
-        positions = self.source.positions()
-        lows = dict(positions)
-        pending = [self.source.queued_offsets()]
-        if self.buffer is not None:
-            pending.append({self.keys[i]: o for i, o in self.buffer.pending_offsets().items()})
-        if self._pending is not None:
-            pending.append({self._pending.key: self._pending.offset})
-        for group in pending:
-            for key, off in group.items():
-                lows[key] = min(lows.get(key, off), off)
-        return lows, positions
+    def _maybe_evaluate(self) -> None:
+        if self.cadence.evaluate_due(self.tokens):
+            self.cadence.evaluated(self.tokens)
+            self.evaluate()
+
+    def _maybe_record(self, now: float) -> None:
+        if self.cadence.record_due(now):
+            self._record(self.cadence.recorded(self.tokens, now))
+
+    def _maybe_checkpoint(self, now: float) -> None:
+        if self.cadence.checkpoint_due(self.tokens, now):
+            self.checkpoint()
+            self.cadence.checkpointed(self.tokens)
 
     def checkpoint(self) -> Path | None:
-        if not self.learners:
-            return None
-        t0 = time.monotonic()
-        offsets, positions = self.resume_offsets()
-        nested: dict[str, dict[int, int]] = {}
-        for (topic, part), off in offsets.items():
-            nested.setdefault(topic, {})[part] = off
-        state = {
-            "tokens": self.tokens, "scale": self.scale, "eval_set": self.eval_set, "d_in": self.buffer.d_in,
-            "buffer_rng": self.buffer._gen.get_state(), "positions": [(list(k), v) for k, v in positions.items()],
-            "learners": {n: lr.state_dict() for n, lr in self.learners.items()},
-        }
-        exports = [
-            SAEExport(name, lr.sae.saelens_cfg(), lr.sae.export_tensors(self.scale), lr.density().clamp_min(1e-10).log10())
-            for name, lr in self.learners.items()
-        ]
-        manifest = {
-            "streamd_version": __version__, "config": self.cfg.model_dump(mode="json"),
-            "seeds": {s.name: s.seed for s in self.tcfg.saes},
-            "site_id": f"{self._site_id:016x}" if self._site_id is not None else None,
-            "scale": self.scale, "tokens": self.tokens,
-        }
-        try:
-            path = self.store.write(self.tokens, exports, state, nested, manifest, self.tcfg.site.hook_name)
-        except CheckpointError as e:
-            log.error("checkpoint at %d tokens failed, training continues: %s", self.tokens, e)
-            self.metrics.checkpoint_failures.inc()
-            return None
-        self.source.commit({k: v for k, v in offsets.items() if not k[0].startswith("file:")})
-        if self.cfg.kafka.generation_seconds:
-            try:
-                self._retire_generations(offsets, positions)
-            except KafkaError as e:  # the broker is away: the next checkpoint tries again
-                log.warning("retiring generation topics failed: %s", e)
-        self.metrics.checkpoints.inc()
-        self.metrics.checkpoint_last_success.set(time.time())
-        self.metrics.checkpoint_duration.set(time.monotonic() - t0)
-        log.info("checkpoint %s written in %.2fs", path.name, time.monotonic() - t0)
-        return path
-
-    def _retire_generations(self, offsets: dict[SourceKey, int], positions: dict[SourceKey, int]) -> None:
-        """Delete generation topics that producers have left (older than the previous generation) and whose every
-        token is trained and in a durable checkpoint: read to the log end, nothing pending in queue or buffer.
-        Tansu's end offsets can only be low, and a fetch returns whole batches, so a position at or past the
-        reported end means the last batch was read."""
-        kafka = self.cfg.kafka
-        current = generation_of(kafka, time.time())
-        old = sorted({t for t, _ in positions if (g := parse_generation(t)) is not None and g < current - 1})
-        if not old:
-            return
-        ends = end_offsets(kafka, old)
-        for topic in old:
-            parts = [k for k in ends if k[0] == topic]
-            if parts and all(positions.get(k, 0) >= ends[k] and offsets.get(k, 0) >= positions.get(k, 0) for k in parts):
-                self.source.retire(topic)
-
-    def run(self) -> int:
-        """Train until max_tokens, the end of a file source, or stop(); always leaves a final checkpoint."""
-        t, ck = self.tcfg, self.cfg.checkpoints
-        self._trace = open(self.tcfg.trace_file, "a") if self.tcfg.trace_file else None
-        self.source.start()
-        last_ck_tokens, last_ck_time = self.tokens, time.monotonic()
-        last_eval = self.tokens
-        rate_t, rate_tok = time.monotonic(), self.tokens
-        last_progress = time.monotonic()
-        try:
-            while not self.stop_event.is_set() and (t.max_tokens is None or self.tokens < t.max_tokens):
-                if not self._fill():
-                    break
-                self.metrics.training_ready.set(1)
-                self._step()
-                now = time.monotonic()
-                if self.tokens - last_eval >= t.eval_every_tokens:
-                    last_eval = self.tokens
-                    self.evaluate()
-                if now - last_progress >= self.progress_every_s:
-                    rate = (self.tokens - rate_tok) / (now - rate_t)
-                    rate_t, rate_tok, last_progress = now, self.tokens, now
-                    self.metrics.tokens_per_second.set(rate)
-                    self._record(rate)
-                if (ck.every_tokens and self.tokens - last_ck_tokens >= ck.every_tokens) or (
-                    ck.every_seconds and now - last_ck_time >= ck.every_seconds
-                ):
-                    self.checkpoint()
-                    last_ck_tokens, last_ck_time = self.tokens, time.monotonic()
-            if self._last_stats:  # the final state, whatever the cadence
-                self._record((self.tokens - rate_tok) / max(time.monotonic() - rate_t, 1e-9))
-            if self.learners and self.tokens != last_ck_tokens:
-                self.evaluate()
-                self.checkpoint()
-        finally:
-            self.source.close()
-            self.server.stop()
-            self.lock.release()
-            if self._trace is not None:
-                self._trace.close()
-        return self.tokens
+        return self.checkpointer.write(self.tokens, self.intake, self.learners)
 
     def _record(self, rate: float) -> None:
         """The progress cadence: read the last step's statistics once, then gauges, history and progress line."""
+        self.metrics.tokens_per_second.set(rate)
         stats = {name: st.read() for name, st in self._last_stats.items()}
         saes = {}
         for name, vals in stats.items():

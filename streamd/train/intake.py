@@ -1,0 +1,130 @@
+"""Intake: from an activation source into the shuffle buffer.
+
+Each chunk goes to the held-out eval set first, then to the sample that fixes the norm scale, then into the buffer.
+The intake also keeps the table of source keys (buffer slots store an index into it) and the chunk the full buffer
+could not take, so it can say, at checkpoint time, from where every untrained token can be read again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from streamd.config import TrainerConfig
+from streamd.metrics import TrainerMetrics
+from streamd.train.buffer import ShuffleBuffer
+from streamd.train.source import ActivationSource, Chunk, SourceKey
+
+log = logging.getLogger(__name__)
+
+FILL_NOTE_S = 10.0  # how often on_filling hears the fill
+
+
+class Intake:
+    """``make_buffer(d_in)`` builds the buffer once the first chunk shows ``d_in``; ``on_filling(fill)`` hears, every
+    few seconds, how full the buffer is until training starts. ``scale`` and ``eval_set`` come from a checkpoint."""
+
+    def __init__(
+        self,
+        source: ActivationSource,
+        tcfg: TrainerConfig,
+        metrics: TrainerMetrics,
+        make_buffer: Callable[[int], ShuffleBuffer],
+        stop: threading.Event,
+        *,
+        on_filling: Callable[[float], None] | None = None,
+        scale: float | None = None,
+        eval_set: torch.Tensor | None = None,
+    ) -> None:
+        self.source, self.tcfg, self.metrics, self.stop = source, tcfg, metrics, stop
+        self.make_buffer, self.on_filling = make_buffer, on_filling
+        self.scale, self.eval_set = scale, eval_set
+        self.buffer: ShuffleBuffer | None = None
+        self.keys: list[SourceKey] = []  # buffer slots store an index into this list
+        self._key_ids: dict[SourceKey, int] = {}
+        self._pending: Chunk | None = None  # what the full buffer could not take yet
+        self._norm_sample: list[torch.Tensor] = []
+        self._last_fill_note = 0.0
+
+    def fill(self) -> bool:
+        """Fill the buffer's free slots; returns False when the source ended or a stop was asked before it filled."""
+        while self.buffer is None or not self.buffer.full:
+            if self.stop.is_set():
+                return False
+            chunk = self._pending or self.source.get(timeout=0.5)
+            self._pending = None
+            if chunk is None:
+                if self.source.exhausted or self.stop.is_set():
+                    return False
+                continue
+            if self.buffer is None:
+                self.buffer = self.make_buffer(chunk.acts.shape[1])
+            self._pending = self._take(chunk)
+            self.metrics.buffer_fill_ratio.set(self.buffer.fill_ratio)
+            if self.buffer.served == 0 and self.on_filling and time.monotonic() - self._last_fill_note > FILL_NOTE_S:
+                self._last_fill_note = time.monotonic()
+                self.on_filling(self.buffer.fill_ratio)
+        if self.scale is None:
+            self._fix_scale()
+        return True
+
+    def _key_index(self, key: SourceKey) -> int:
+        if key not in self._key_ids:
+            self._key_ids[key] = len(self.keys)
+            self.keys.append(key)
+        return self._key_ids[key]
+
+    def _take(self, chunk: Chunk) -> Chunk | None:
+        """Route a chunk: held-out eval set first, then the norm estimate sample, then the buffer. Returns what is
+        left over when the buffer is full."""
+        acts = chunk.acts
+        if self.eval_set is None or len(self.eval_set) < self.tcfg.eval_tokens:
+            have = 0 if self.eval_set is None else len(self.eval_set)
+            k = min(self.tcfg.eval_tokens - have, len(acts))
+            part = acts[:k].to(torch.float16)
+            self.eval_set = part if self.eval_set is None else torch.cat([self.eval_set, part])
+            acts = acts[k:]
+            if len(acts) == 0:
+                return None
+            chunk = Chunk(acts, chunk.key, chunk.offset, chunk.producer_id, chunk.seq)
+        if self.scale is None:
+            self._norm_sample.append(acts[: self.tcfg.norm_estimate_tokens].float())
+            if sum(len(a) for a in self._norm_sample) >= min(self.tcfg.norm_estimate_tokens, self.tcfg.buffer_tokens):
+                self._fix_scale()
+        k = self.buffer.add(acts, self._key_index(chunk.key), chunk.offset)
+        if k == len(acts):
+            return None
+        return Chunk(acts[k:], chunk.key, chunk.offset, chunk.producer_id, chunk.seq)
+
+    def _fix_scale(self) -> None:
+        """Constant scale with E||x * scale|| = sqrt(d_in) (Anthropic's normalisation), from the first tokens."""
+        sample = torch.cat(self._norm_sample)
+        self.scale = math.sqrt(sample.shape[1]) / float(sample.norm(dim=-1).mean().clamp_min(1e-12))
+        self._norm_sample = []
+        log.info("activation scale fixed at %.6g from %d tokens", self.scale, len(sample))
+
+    def last_served(self) -> list[list]:
+        """The buffer's last batch by origin: ``[topic or file, partition, offset, tokens]`` per message."""
+        src, off = self.buffer.last_origins
+        pairs, counts = torch.unique(torch.stack([src.long(), off]), dim=1, return_counts=True)
+        return [[*self.keys[s], o, c] for (s, o), c in zip(pairs.T.tolist(), counts.tolist())]
+
+    def resume_offsets(self) -> tuple[dict[SourceKey, int], dict[SourceKey, int]]:
+        """(offsets to resume from, positions read so far). Positions are taken before the queue so that a record
+        handed over in between is seen in one or the other, never in neither."""
+        positions = self.source.positions()
+        lows = dict(positions)
+        pending = [self.source.queued_offsets()]
+        if self.buffer is not None:
+            pending.append({self.keys[i]: o for i, o in self.buffer.pending_offsets().items()})
+        if self._pending is not None:
+            pending.append({self._pending.key: self._pending.offset})
+        for group in pending:
+            for key, off in group.items():
+                lows[key] = min(lows.get(key, off), off)
+        return lows, positions
