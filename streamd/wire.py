@@ -10,7 +10,7 @@ Layout, version 1 (all integers little-endian)::
     7       1     id_len       length P of the producer id (1..255, UTF-8)
     8       4     n_tokens     uint32
     12      4     d_model      uint32
-    16      8     site_id      uint64: hash of {model content hash, site, layer} (see streamd.produce.model.site_id)
+    16      8     site_id      uint64: hash of {model content hash, site, layer} (see streamd.identity.site_id)
     24      8     seq          uint64: per-producer sequence number, from 0
     32      P     producer id, then zero padding to a multiple of 8
     ...     4*n   token ids (int32) when flag bit 0, then zero padding to a multiple of 8

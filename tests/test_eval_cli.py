@@ -20,7 +20,9 @@ from pydoc_data.topics import topics
 from streamd.run.checkpoints import CheckpointStore
 from streamd.config import KafkaConfig, MetricsConfig, ProducerConfig, SAEConfig, SiteSpec, SourceConfig, StreamdConfig
 from streamd.client.evaluate import eval_checkpoint, held_out_texts
-from streamd.produce.model import ActivationCapture, load_frozen_model, pack_documents
+from streamd.produce.capture import ActivationCapture
+from streamd.produce.model import load_frozen_model
+from streamd.produce.packing import pack_documents
 from streamd.run.server import StatusServer
 from streamd.produce.text import files
 from streamd.train.trainer import Trainer

@@ -20,10 +20,11 @@ from torch import Tensor
 
 from streamd.run.checkpoints import LATEST, MANIFEST, SAE_CFG, read_manifest
 from streamd.config import SiteSpec, StreamdConfig
-from streamd.produce.model import (
-    ActivationCapture, LoadedModel, configure_threads, first_tensor, load_frozen_model, pack_documents, site_id_hex,
-    site_module,
-)
+from streamd.identity import site_id_hex
+from streamd.produce.capture import ActivationCapture, first_tensor, site_module
+from streamd.produce.model import LoadedModel, load_frozen_model
+from streamd.produce.packing import pack_documents
+from streamd.torch_utils import configure_threads
 from streamd.client.pull import _cache_dir, load_sae, pull
 from streamd.sae import SAE
 from streamd.produce.text import iter_source

@@ -24,9 +24,11 @@ from streamd import wire
 from streamd.config import KafkaConfig, StreamdConfig
 from streamd.stream.kafka import ensure_topic, make_producer, topic_for
 from streamd.metrics import ProducerMetrics, publish_error_kind
-from streamd.produce.model import (
-    TORCH_DTYPES, ActivationCapture, LoadedModel, configure_threads, load_frozen_model, pack_documents, site_id,
-)
+from streamd.identity import site_id
+from streamd.produce.capture import ActivationCapture
+from streamd.produce.model import LoadedModel, load_frozen_model
+from streamd.produce.packing import pack_documents
+from streamd.torch_utils import TORCH_DTYPES, configure_threads
 from streamd.produce.text import iter_source
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from streamd.run.checkpoints import MANIFEST, NAME_RE, CheckpointError, CheckpointStore, read_manifest, sha256_file
+from streamd.files import sha256_file
+from streamd.run.checkpoints import MANIFEST, NAME_RE, CheckpointError, CheckpointStore, read_manifest
 from streamd.config import MetricsConfig
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from streamd.train.kafka_source import ActivationSource, Chunk, FileActivationSo
 from streamd.stream.kafka import end_offsets, ensure_topic, generation_of, parse_generation
 from streamd.train.learner import Learner
 from streamd.metrics import TrainerMetrics
-from streamd.produce.model import TORCH_DTYPES, configure_threads
+from streamd.torch_utils import TORCH_DTYPES, configure_threads
 from streamd.run.server import StatusServer
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def expected_site_id(cfg: StreamdConfig) -> int:
     """The site the trainer accepts: given as hex, or computed from the model's content hash and the site."""
     if cfg.trainer.site_id is not None:
         return int(cfg.trainer.site_id, 16)
-    from streamd.produce.model import default_model_path, model_content_hash, site_id
+    from streamd.identity import default_model_path, model_content_hash, site_id
 
     path = cfg.trainer.model_path or str(default_model_path())
     return site_id(model_content_hash(path), cfg.trainer.site.site, cfg.trainer.site.layer)
