@@ -118,7 +118,7 @@ def test_batchtopk_mean_l0_is_k_and_threshold_learned():
     learner = Learner(cfg_for("batchtopk", k=4, lr=3e-3), D_IN, tcfg())
     for i in range(150):
         learner.step(data(128, seed=100 + i))
-    assert 2 <= learner.evaluate(data(1024, seed=9))["l0"] <= 8
+    assert 2 <= learner.held_out_metrics(data(1024, seed=9))["l0"] <= 8
 
 
 def test_jumprelu_threshold_gets_gradient():
@@ -218,7 +218,7 @@ def test_dead_and_dense_latents_counted_in_tokens():
 def test_evaluate_reports_metrics():
     learner = Learner(cfg_for("topk"), D_IN, tcfg())
     learner.step(data(128))
-    m = learner.evaluate(data(300, seed=5))
+    m = learner.held_out_metrics(data(300, seed=5))
     assert set(m) == {"fvu", "l0", "mse"}
     assert 0 < m["fvu"] < 2 and m["l0"] == pytest.approx(4.0) and m["mse"] > 0
 

@@ -26,7 +26,7 @@ from streamd.produce.packing import pack_documents
 from streamd.torch_utils import configure_threads
 from streamd.client import locate
 from streamd.client.load import load_sae
-from streamd.sae import SAE
+from streamd.sae.quality import fvu_l0
 from streamd.produce.text import iter_source
 
 log = logging.getLogger(__name__)
@@ -138,16 +138,6 @@ def _site_activations(loaded: LoadedModel, site: SiteSpec, texts: list[str], con
     return torch.cat(out)
 
 
-@torch.no_grad()
-def _fvu_l0(sae: SAE, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
-    err = l0 = 0.0
-    for chunk in x.split(batch_size):
-        f = sae.encode(chunk)
-        err += float((sae.decode(f) - chunk).pow(2).sum())
-        l0 += float((f > 0).sum())
-    return {"fvu": err / max(float((x - x.mean(0)).pow(2).sum()), 1e-12), "l0": l0 / len(x)}
-
-
 def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
                     skip_docs: int = EVAL_SKIP_DOCS) -> dict[str, dict[str, float]]:
     """Per SAE of a checkpoint: ce_clean, ce_sae, ce_zero, kl_sae, ce_loss_score, n_tokens, and fvu / l0 on the
@@ -181,5 +171,6 @@ def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
         key = (site.site, site.layer)
         if key not in acts:
             acts[key] = _site_activations(loaded, site, texts, p.context_length, p.batch_size)
-        out[name].update(_fvu_l0(sae, acts[key]))
+        q = fvu_l0(sae, acts[key])
+        out[name].update(fvu=q["fvu"], l0=q["l0"])
     return out

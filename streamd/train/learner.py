@@ -14,6 +14,7 @@ from torch import Tensor
 
 from streamd.config import SAEConfig, TrainerConfig
 from streamd.sae import build_sae
+from streamd.sae.quality import fvu, fvu_l0
 
 # log10 feature-density histogram: buckets [e, e + 0.5) for e in -8.0 .. -0.5 (values outside are clamped in), plus
 # latents that never fired in the window
@@ -56,11 +57,6 @@ class StepStats:
     dead_fraction: float
     dense_fraction: float
     tokens: int
-
-
-def _fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained: squared error over squared deviation from the batch mean."""
-    return (x_hat - x).float().pow(2).sum() / (x - x.mean(0)).float().pow(2).sum().clamp_min(1e-12)
 
 
 class Learner:
@@ -149,7 +145,7 @@ class Learner:
             names = list(out.terms)
             # one device->host transfer for every scalar of the step
             vals = torch.stack(
-                [out.loss.detach().float(), (feats > 0).sum(-1).float().mean(), _fvu(x, out.x_hat.detach()),
+                [out.loss.detach().float(), (feats > 0).sum(-1).float().mean(), fvu(x, out.x_hat.detach()),
                  self.dead_mask().float().mean(), self.dense_mask().float().mean()]
                 + [out.terms[k].detach().float() for k in names]
             ).tolist()
@@ -159,19 +155,10 @@ class Learner:
             sparsity_scale=sparsity_scale, dead_fraction=vals[3], dense_fraction=vals[4], tokens=self.tokens_seen,
         )
 
-    @torch.no_grad()
-    def evaluate(self, x: Tensor) -> dict[str, float]:
-        """Inference-mode metrics (for batchtopk: the learned threshold, not the batch top-k) on held-out tokens."""
-        err = dev = l0 = 0.0
-        mean = x.float().mean(0).to(self.device)
-        for chunk in x.split(self.tcfg.batch_size):
-            c = chunk.to(self.device, torch.float32)
-            f = self.sae.encode(c)
-            err += float((self.sae.decode(f) - c).pow(2).sum())
-            dev += float((c - mean).pow(2).sum())
-            l0 += float((f > 0).sum())
-        n = x.shape[0]
-        return {"fvu": err / max(dev, 1e-12), "l0": l0 / n, "mse": err / n}
+    def held_out_metrics(self, x: Tensor) -> dict[str, float]:
+        """fvu / l0 / mse of the inference SAE (for batchtopk: the learned threshold, not the batch top-k) on
+        held-out tokens (see :func:`streamd.sae.quality.fvu_l0`)."""
+        return fvu_l0(self.sae, x, self.tcfg.batch_size)
 
     # --- resume --------------------------------------------------------------------------------------------------
 

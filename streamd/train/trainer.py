@@ -300,7 +300,7 @@ class Trainer:
         if self.eval_set is None or len(self.eval_set) == 0:
             return {}
         x = self.eval_set.to(self.device, torch.float32) * self.scale
-        out = {name: learner.evaluate(x) for name, learner in self.learners.items()}
+        out = {name: learner.held_out_metrics(x) for name, learner in self.learners.items()}
         for name, r in out.items():
             self.metrics.eval_fvu.labels(sae=name).set(r["fvu"])
             self.metrics.eval_l0.labels(sae=name).set(r["l0"])
