@@ -34,15 +34,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from _common import load_average, table
 from streamd.stream.broker import free_port
 from streamd.config import KafkaConfig
+from streamd.metrics import fetch_samples
 from streamd.stream.kafka import generation_pattern, make_admin
 
 D_MODEL, WIRE_BYTES = 576, 2  # fp16 on the wire (producer.wire_dtype default)
@@ -168,11 +166,10 @@ def count_checkpoints(run_dir: Path) -> int:
 def scrape(port: int) -> dict[str, float]:
     """Samples of a /metrics endpoint by name (labels dropped: each name used here has one series), {} if down."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        samples = fetch_samples(f"http://127.0.0.1:{port}/metrics", timeout=5)
     except OSError:
         return {}
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {name: series[-1][1] for name, series in samples.items()}
 
 
 def live_generations(admin) -> int | None:

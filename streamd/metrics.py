@@ -8,10 +8,13 @@ This module holds no logic beyond small setters; the trainer and producer decide
 
 from __future__ import annotations
 
+import urllib.request
+from collections import defaultdict
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -25,6 +28,29 @@ DENSITY_BUCKETS = tuple(f"{-8 + i / 2:.1f}" for i in range(17)) + ("never",)
 PUBLISH_ERROR_KINDS = ("timeout", "too_large", "broker", "other")
 # Per-step gauges accepted by ``TrainerMetrics.observe_step`` (loss terms come as ``loss_<term>``).
 STEP_GAUGES = ("l0", "fvu", "mse", "dead_fraction", "dense_fraction", "lr", "sparsity_coefficient", "step")
+
+
+# Sample name (``_total``, ``_bucket`` ... included) -> [(labels, value)], in exposition order.
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def parse_samples(text: str) -> Samples:
+    """Every sample of a Prometheus text exposition, by sample name."""
+    out: Samples = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name].append((s.labels, s.value))
+    return dict(out)
+
+
+def fetch_samples(url: str, timeout: float = 5.0) -> Samples:
+    """:func:`parse_samples` of ``URL/metrics`` (``/metrics`` appended unless ``url`` ends with it); raises OSError
+    when the endpoint cannot be read."""
+    target = url.rstrip("/")
+    if not target.endswith("/metrics"):
+        target += "/metrics"
+    with urllib.request.urlopen(target, timeout=timeout) as resp:
+        return parse_samples(resp.read().decode("utf-8"))
 
 
 def publish_error_kind(err: BaseException) -> str:
