@@ -23,8 +23,13 @@ NAMESPACE = "streamd"
 LOSS_TERMS = ("total", "mse", "sparsity", "auxk")
 # What each architecture calls its sparsity penalty term -> the common ``term`` label.
 LOSS_TERM_ALIASES = {"l1": "sparsity", "l0_penalty": "sparsity"}
-# log10(feature density) buckets, lower edges -8.0 .. 0.0 step 0.5, plus latents that never fired in the window.
-DENSITY_BUCKETS = tuple(f"{-8 + i / 2:.1f}" for i in range(17)) + ("never",)
+# log10(feature density) buckets [e, e + 0.5) with lower edges e = -8.0 .. -0.5; densities below 1e-8 count in the
+# first, and the last is closed at 0.0 (density 1: fires on every token). Plus latents that never fired in the window.
+# Labels are the lower edges ("-3.5") and "never". The learner fills them; the metrics, report and dashboard show them.
+DENSITY_STEP = 0.5
+DENSITY_EDGES = tuple(-8.0 + DENSITY_STEP * i for i in range(16))
+DENSITY_NEVER = "never"
+DENSITY_BUCKETS = tuple(f"{e:.1f}" for e in DENSITY_EDGES) + (DENSITY_NEVER,)
 PUBLISH_ERROR_KINDS = ("timeout", "too_large", "broker", "other")
 # Per-step gauges accepted by ``TrainerMetrics.observe_step`` (loss terms come as ``loss_<term>``).
 STEP_GAUGES = ("l0", "fvu", "mse", "dead_fraction", "dense_fraction", "lr", "sparsity_coefficient", "step")

@@ -13,13 +13,9 @@ import torch
 from torch import Tensor
 
 from streamd.config import SAEConfig, TrainerConfig
+from streamd.metrics import DENSITY_BUCKETS, DENSITY_EDGES, DENSITY_NEVER, DENSITY_STEP
 from streamd.sae import build_sae
 from streamd.sae.quality import fvu, fvu_l0
-
-# log10 feature-density histogram: buckets [e, e + 0.5) for e in -8.0 .. -0.5 (values outside are clamped in), plus
-# latents that never fired in the window
-HIST_EDGES = [-8.0 + 0.5 * i for i in range(16)]
-HIST_NEVER = "never"
 
 
 def default_lr(cfg: SAEConfig, d_in: int) -> float:
@@ -95,16 +91,14 @@ class Learner:
         return self.density() > self.tcfg.dense_threshold
 
     def density_histogram(self) -> dict[str, float]:
-        """Fraction of latents per log10-density bucket (labels: lower edge, e.g. "-3.5"; and "never")."""
+        """Fraction of latents per ``metrics.DENSITY_BUCKETS`` label (log10-density lower edge, e.g. "-3.5"; "never")."""
         d = self.density()
         n = d.numel()
         fired = d > 0
-        out = {HIST_NEVER: float((~fired).sum()) / n}
-        logd = d[fired].log10().clamp(HIST_EDGES[0], -1e-9)
-        idx = ((logd - HIST_EDGES[0]) / 0.5).floor().long()
-        counts = torch.bincount(idx, minlength=len(HIST_EDGES)).tolist()
-        out.update({f"{e:.1f}": c / n for e, c in zip(HIST_EDGES, counts)})
-        return out
+        logd = d[fired].log10().clamp(DENSITY_EDGES[0], -1e-9)  # density 1.0 goes in the top bucket
+        idx = ((logd - DENSITY_EDGES[0]) / DENSITY_STEP).floor().long()
+        counts = torch.bincount(idx, minlength=len(DENSITY_EDGES)).tolist() + [int((~fired).sum())]
+        return {label: c / n for label, c in zip(DENSITY_BUCKETS, counts)}
 
     @torch.no_grad()
     def _record_fires(self, feats: Tensor) -> None:
