@@ -154,12 +154,8 @@ class Trainer:
             self.tokens = self._resume_state["tokens"]
             log.info("resuming from checkpoint %s at %d tokens", latest.name, self.tokens)
         self.source = self._make_source(activation_file, loop_file, start_offsets, reread_below)
-        token = self.cfg.metrics.checkpoint_token
-        tls = (cfg.metrics.tls_certfile, cfg.metrics.tls_keyfile) if cfg.metrics.tls_certfile else None
-        self.server = StatusServer(
-            cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.store, self.ready,
-            token=token.get_secret_value() if token else None, tls=tls,
-        ).start()  # /healthz and /readyz answer from construction on, while the first activations are awaited
+        self.server = StatusServer.from_config(cfg.metrics, self.metrics.registry, self.store, self.ready).start()
+        # /healthz and /readyz answer from construction on, while the first activations are awaited
 
     # --- set-up -------------------------------------------------------------------------------------------------
 
