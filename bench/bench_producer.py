@@ -29,7 +29,10 @@ import torch
 from _common import Phase, load_average, machine_line, quiet, table
 from streamd.stream.broker import LocalBroker
 from streamd.config import ProducerConfig, SiteSpec, SourceConfig, StreamdConfig
-from streamd.produce.model import ActivationCapture, configure_threads, load_frozen_model, pack_documents
+from streamd.produce.capture import ActivationCapture
+from streamd.produce.model import load_frozen_model
+from streamd.produce.packing import pack_documents
+from streamd.torch_utils import configure_threads
 from streamd.produce.producer import ActivationProducer
 from streamd.produce.text import kjv
 

@@ -42,7 +42,7 @@ from streamd.train.kafka_source import KafkaActivationSource
 from streamd.stream.kafka import ensure_topic, make_consumer, make_producer
 from streamd.train.learner import Learner
 from streamd.metrics import TrainerMetrics
-from streamd.produce.model import configure_threads
+from streamd.torch_utils import configure_threads
 from streamd.produce.producer import split_rows
 from streamd.train.trainer import Trainer
 

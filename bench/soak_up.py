@@ -34,15 +34,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.models
 from _common import load_average, table
+from tests.models import build_tiny_llama
 from streamd.stream.broker import free_port
 from streamd.config import KafkaConfig
+from streamd.metrics import fetch_samples
 from streamd.stream.kafka import make_admin
 from streamd.stream.retention import generation_pattern
 
@@ -55,28 +55,10 @@ EXIT_SECONDS = 180.0
 def build_model(out: Path) -> None:
     """A 2-layer random LlamaForCausalLM of d_model 576 and a byte-level BPE tokenizer, saved for from_pretrained
     (offline: the tokenizer is trained on the standard library's docs)."""
-    import torch
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        [topics[name] for name in sorted(topics)[:60]],
-        trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|pad|>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
-    )
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                  pad_token="<|pad|>")
-    tok.save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=D_MODEL, intermediate_size=1536, num_hidden_layers=2,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).eval().save_pretrained(out)
+    build_tiny_llama(out, vocab_size=1024, topics=sorted(topics)[:60], hidden_size=D_MODEL, intermediate_size=1536,
+                     num_layers=2, num_heads=9, num_kv_heads=3)
 
 
 # The soak's settings on top of up's defaults (model, run dir and ports are added per run).
@@ -169,11 +151,10 @@ def count_checkpoints(run_dir: Path) -> int:
 def scrape(port: int) -> dict[str, float]:
     """Samples of a /metrics endpoint by name (labels dropped: each name used here has one series), {} if down."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        samples = fetch_samples(f"http://127.0.0.1:{port}/metrics", timeout=5)
     except OSError:
         return {}
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {name: series[-1][1] for name, series in samples.items()}
 
 
 def live_generations(admin) -> int | None:

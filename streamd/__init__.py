@@ -4,8 +4,9 @@ __version__ = "0.1.0"
 
 
 def load_sae(path_or_url: str, sae: str | None = None):
-    """A trained SAE (``encode`` / ``decode`` in raw activation units) from a checkpoint dir, run dir or URL."""
-    from streamd.client.pull import load_sae as _load
+    """A trained SAE (``encode`` / ``decode`` in raw activation units) from an SAE, checkpoint or run directory,
+    a ``checkpoints/latest`` file, or a trainer's URL (see :func:`streamd.client.load.load_sae`)."""
+    from streamd.client.load import load_sae as _load
 
     return _load(path_or_url, sae)
 

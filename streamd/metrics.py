@@ -8,11 +8,14 @@ This module holds no logic beyond small setters; the trainer and producer decide
 
 from __future__ import annotations
 
+import urllib.request
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -21,8 +24,13 @@ NAMESPACE = "streamd"
 LOSS_TERMS = ("total", "mse", "sparsity", "auxk")
 # What each architecture calls its sparsity penalty term -> the common ``term`` label.
 LOSS_TERM_ALIASES = {"l1": "sparsity", "l0_penalty": "sparsity"}
-# log10(feature density) buckets, lower edges -8.0 .. 0.0 step 0.5, plus latents that never fired in the window.
-DENSITY_BUCKETS = tuple(f"{-8 + i / 2:.1f}" for i in range(17)) + ("never",)
+# log10(feature density) buckets [e, e + 0.5) with lower edges e = -8.0 .. -0.5; densities below 1e-8 count in the
+# first, and the last is closed at 0.0 (density 1: fires on every token). Plus latents that never fired in the window.
+# Labels are the lower edges ("-3.5") and "never". The learner fills them; the metrics, report and dashboard show them.
+DENSITY_STEP = 0.5
+DENSITY_EDGES = tuple(-8.0 + DENSITY_STEP * i for i in range(16))
+DENSITY_NEVER = "never"
+DENSITY_BUCKETS = tuple(f"{e:.1f}" for e in DENSITY_EDGES) + (DENSITY_NEVER,)
 PUBLISH_ERROR_KINDS = ("timeout", "too_large", "broker", "other")
 
 
@@ -63,6 +71,29 @@ EVAL_STATS = (
 )
 STEP_GAUGES = tuple(s.key for s in STEP_STATS)
 """Keys ``TrainerMetrics.observe_step`` accepts besides ``loss_<term>``."""
+
+
+# Sample name (``_total``, ``_bucket`` ... included) -> [(labels, value)], in exposition order.
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def parse_samples(text: str) -> Samples:
+    """Every sample of a Prometheus text exposition, by sample name."""
+    out: Samples = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name].append((s.labels, s.value))
+    return dict(out)
+
+
+def fetch_samples(url: str, timeout: float = 5.0) -> Samples:
+    """:func:`parse_samples` of ``URL/metrics`` (``/metrics`` appended unless ``url`` ends with it); raises OSError
+    when the endpoint cannot be read."""
+    target = url.rstrip("/")
+    if not target.endswith("/metrics"):
+        target += "/metrics"
+    with urllib.request.urlopen(target, timeout=timeout) as resp:
+        return parse_samples(resp.read().decode("utf-8"))
 
 
 def publish_error_kind(err: BaseException) -> str:

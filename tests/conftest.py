@@ -1,4 +1,5 @@
-"""Shared fixtures: a real local Kafka broker (Tansu) and a tiny random-initialised Llama with its own tokenizer."""
+"""Shared fixtures: a real local Kafka broker (Tansu) and a tiny random-initialised Llama with its own tokenizer
+(built by :mod:`tests.models`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from streamd.stream.broker import LocalBroker
 from streamd.config import KafkaConfig
+from tests.models import build_tiny_llama
 
 TINY_VOCAB = 512
 # A few KB of real English for the tiny tokenizer: the standard library's Python docs (always installed).
@@ -46,42 +48,5 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Token ids: ``<|endoftext|>`` = 0 is bos and eos, ``<|pad|>`` = 1; the tokenizer adds no special tokens.
     """
-    import torch
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        [topics[name] for name in _TOKENIZER_TOPICS],
-        trainers.BpeTrainer(
-            vocab_size=TINY_VOCAB,
-            special_tokens=["<|endoftext|>", "<|pad|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>"
-    )
-    tok.save_pretrained(out)
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).eval().save_pretrained(out)
-    return out
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), vocab_size=TINY_VOCAB, topics=_TOKENIZER_TOPICS,
+                            hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2)

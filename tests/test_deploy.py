@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 from prometheus_client import generate_latest, start_http_server
-from prometheus_client.parser import text_string_to_metric_families
 
 from streamd.cli import build_parser
 from streamd.config import ProducerConfig, load_config
-from streamd.metrics import ProducerMetrics, TrainerMetrics
+from streamd.metrics import ProducerMetrics, TrainerMetrics, parse_samples
 from streamd.wire import REJECT_REASONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,9 +258,9 @@ def exported() -> dict[str, set[str]]:
     p = ProducerMetrics("p")
     out: dict[str, set[str]] = {}
     for reg in (t.registry, p.registry):
-        for fam in text_string_to_metric_families(generate_latest(reg).decode()):
-            for s in fam.samples:
-                out.setdefault(s.name, set()).update(s.labels)
+        for name, series in parse_samples(generate_latest(reg).decode()).items():
+            for labels, _ in series:
+                out.setdefault(name, set()).update(labels)
     return out
 
 

@@ -20,7 +20,9 @@ from pydoc_data.topics import topics
 from streamd.run.checkpoints import CheckpointStore
 from streamd.config import KafkaConfig, MetricsConfig, ProducerConfig, SAEConfig, SiteSpec, SourceConfig, StreamdConfig
 from streamd.client.evaluate import eval_checkpoint, held_out_texts
-from streamd.produce.model import ActivationCapture, load_frozen_model, pack_documents
+from streamd.produce.capture import ActivationCapture
+from streamd.produce.model import load_frozen_model
+from streamd.produce.packing import pack_documents
 from streamd.run.server import StatusServer
 from streamd.produce.text import files
 from streamd.train.trainer import Trainer
@@ -138,7 +140,7 @@ def test_eval_from_a_trainer_url_matches_the_sae_directory(run_dir, lm_dir, corp
         by_url = eval_checkpoint(cfg, server.url, n_docs=8)
     finally:
         server.stop()
-    assert (tmp_path / "xdg" / "streamd" / "pulls").is_dir()
+    assert (tmp_path / "cache" / "pulls").is_dir()  # STREAMD_CACHE wins over XDG_CACHE_HOME (streamd.files)
     by_dir = eval_checkpoint(cfg, str(store.latest() / "trained"), n_docs=8)
     assert set(by_url) == {"trained", "untrained"} and set(by_dir) == {"trained"}
     assert by_url["trained"] == by_dir["trained"]

@@ -9,7 +9,9 @@ import torch
 
 from streamd.config import SiteSpec
 from streamd.client.evaluate import ce_loss_score
-from streamd.produce.model import count_tokens, load_frozen_model, pack_documents, site_module
+from streamd.produce.capture import site_module
+from streamd.produce.model import load_frozen_model
+from streamd.produce.packing import count_tokens, pack_documents
 from tests.test_model import make_tiny_model  # Llama and GPT-2 (tuple outputs) builders
 
 TEXTS = [

@@ -9,7 +9,7 @@ import time
 from streamd.config import CheckpointConfig, MetricsConfig, SAEConfig, SiteSpec, StreamdConfig, TrainerConfig
 from streamd.stream.kafka import make_admin
 from streamd.stream.retention import parse_generation
-from streamd.produce.model import model_content_hash, site_id_hex
+from streamd.identity import model_content_hash, site_id_hex
 from streamd.produce.producer import ActivationProducer
 from streamd.train.trainer import Trainer
 from tests.test_pipeline import _corpus

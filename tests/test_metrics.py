@@ -15,6 +15,7 @@ from streamd.metrics import (
     STEP_GAUGES,
     ProducerMetrics,
     TrainerMetrics,
+    parse_samples,
     publish_error_kind,
 )
 from streamd.wire import REJECT_REASONS
@@ -24,11 +25,8 @@ SAES = ["topk-k32", "relu-l1"]
 
 def scrape(registry) -> dict[str, dict[tuple, float]]:
     """Sample name -> {sorted label items: value}, parsed from the text exposition Prometheus would read."""
-    out: dict[str, dict[tuple, float]] = {}
-    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
-        for s in fam.samples:
-            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return out
+    samples = parse_samples(generate_latest(registry).decode())
+    return {name: {tuple(sorted(labels.items())): v for labels, v in series} for name, series in samples.items()}
 
 
 def families(registry):
@@ -123,3 +121,22 @@ def test_registries_are_independent():
 )
 def test_publish_error_kind_is_bounded(err, kind):
     assert publish_error_kind(err) == kind and kind in PUBLISH_ERROR_KINDS
+
+
+def test_parse_and_fetch_samples():
+    """The one exposition parser (status, the producer's lag check and the soak bench all read /metrics with it)."""
+    from streamd.metrics import fetch_samples
+    from streamd.run.server import StatusServer
+
+    t = TrainerMetrics(SAES, REJECT_REASONS, version="9.9")
+    t.producer_last_seq.labels(producer="p1").set(41)
+    t.tokens_trained.labels(sae=SAES[0]).inc(5)
+    parsed = parse_samples(generate_latest(t.registry).decode())
+    assert ({"producer": "p1"}, 41.0) in parsed["streamd_producer_last_seq"]
+    assert dict((lab["sae"], v) for lab, v in parsed["streamd_tokens_trained_total"]) == {SAES[0]: 5.0, SAES[1]: 0.0}
+    with StatusServer("127.0.0.1", 0, t.registry) as s:
+        for url in (s.url, s.url + "/", s.url + "/metrics"):
+            assert fetch_samples(url)["streamd_producer_last_seq"] == parsed["streamd_producer_last_seq"]
+        port = s.port
+    with pytest.raises(OSError):
+        fetch_samples(f"http://127.0.0.1:{port}", timeout=2)

@@ -14,21 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamd.config import SiteSpec
-from streamd.produce.model import (
-    ActivationCapture,
-    ModelLoadError,
-    blocks,
-    configure_threads,
-    count_tokens,
-    default_model_path,
-    load_frozen_model,
-    model_content_hash,
-    pack_documents,
-    site_id,
-    site_id_hex,
-    site_module,
-    strip_quantization,
-)
+from streamd.identity import ModelLoadError, default_model_path, model_content_hash, site_id, site_id_hex
+from streamd.produce.capture import ActivationCapture, blocks, site_module
+from streamd.produce.model import load_frozen_model, strip_quantization
+from streamd.produce.packing import count_tokens, pack_documents
+from streamd.torch_utils import configure_threads
 from streamd.produce.text import kjv, pydoc_topics
 
 ARCHS = ("llama", "gpt2", "gpt_neox")

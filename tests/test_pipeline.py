@@ -17,7 +17,8 @@ from streamd import wire
 from streamd.config import ConfigError, SiteSpec, StreamdConfig, load_config
 from streamd.train.kafka_source import KafkaActivationSource
 from streamd.metrics import TrainerMetrics
-from streamd.produce.model import count_tokens, model_content_hash, site_id
+from streamd.identity import model_content_hash, site_id
+from streamd.produce.packing import count_tokens
 from streamd.produce.producer import ActivationProducer
 from streamd.produce.text import files
 from tests.streamd_testing import write_config

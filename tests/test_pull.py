@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from streamd.run.checkpoints import CheckpointStore, SAEExport
 from streamd.config import SAEConfig
-from streamd.client.pull import PullError, load_sae, pull
+from streamd.client.load import load_sae
+from streamd.client.pull import PullError, pull
 from streamd.sae import ARCHITECTURES, SAE, build_sae
 from streamd.run.server import StatusServer
 from tests.test_checkpoints import HOOK, make_sae, write
@@ -170,3 +171,15 @@ def test_single_sae_checkpoint_needs_no_name(store: CheckpointStore) -> None:
     assert (sae.d_in, sae.d_sae, sae.cfg.k) == (cfg["d_in"], cfg["d_sae"], 4)
     f = sae.encode(torch.randn(5, cfg["d_in"]))
     assert ((f != 0).sum(-1) <= 4).all() and f.count_nonzero() > 0
+
+
+def test_load_sae_from_the_latest_pointer_and_default_cache(zoo, tmp_path: Path, monkeypatch) -> None:
+    saes, store = zoo
+    assert_same_sae(load_sae(store.dir / "latest", sae="relu"), saes["relu"])
+    (tmp_path / "latest").write_text("../../etc\n")
+    with pytest.raises(FileNotFoundError, match="does not name a checkpoint"):
+        load_sae(tmp_path / "latest")
+    monkeypatch.setenv("STREAMD_CACHE", str(tmp_path / "cache"))
+    with StatusServer("127.0.0.1", 0, CollectorRegistry(), store=store) as s:
+        assert_same_sae(load_sae(s.url, sae="topk"), saes["topk"])
+        assert (tmp_path / "cache" / "pulls" / f"127.0.0.1_{s.port}" / "000000001000" / "topk").is_dir()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from streamd.config import SAEConfig, TrainerConfig
+from streamd.metrics import DENSITY_BUCKETS
 from streamd.train.learner import Learner, default_lr, schedule
 from streamd.sae import ARCHITECTURES, build_sae, load_exported
 from streamd.sae.jumprelu import JumpReLUSAE
@@ -118,7 +119,7 @@ def test_batchtopk_mean_l0_is_k_and_threshold_learned():
     learner = Learner(cfg_for("batchtopk", k=4, lr=3e-3), D_IN, tcfg())
     for i in range(150):
         learner.step(data(128, seed=100 + i))
-    assert 2 <= learner.evaluate(data(1024, seed=9))["l0"] <= 8
+    assert 2 <= learner.held_out_metrics(data(1024, seed=9))["l0"] <= 8
 
 
 def test_jumprelu_threshold_gets_gradient():
@@ -213,12 +214,25 @@ def test_dead_and_dense_latents_counted_in_tokens():
     hist = learner.density_histogram()
     assert sum(hist.values()) == pytest.approx(1.0)
     assert hist["never"] >= 1 / 32 and hist["-0.5"] >= 1 / 32  # density 1.0 lands in the top bucket
+    assert list(hist) == list(DENSITY_BUCKETS)  # the labels the metrics, report and dashboard use, and no others
+
+
+def test_density_histogram_bucket_edges():
+    """[e, e + 0.5) per lower edge; below 1e-8 counts in the first bucket, density 1.0 in the last."""
+    learner = Learner(cfg_for("topk"), D_IN, tcfg())
+    d_sae = learner.sae.d_sae
+    fires = torch.zeros(d_sae, dtype=torch.int64)
+    fires[:4] = torch.tensor([10**9, 10**6, 3162278, 1])  # densities 1, 1e-3, 10^-2.5 (rounded up), 1e-9
+    learner.last_fires, learner.last_tokens = fires, 10**9
+    hist = learner.density_histogram()
+    assert hist["-0.5"] == hist["-3.0"] == hist["-2.5"] == hist["-8.0"] == pytest.approx(1 / d_sae)
+    assert hist["never"] == pytest.approx((d_sae - 4) / d_sae)
 
 
 def test_evaluate_reports_metrics():
     learner = Learner(cfg_for("topk"), D_IN, tcfg())
     learner.step(data(128))
-    m = learner.evaluate(data(300, seed=5))
+    m = learner.held_out_metrics(data(300, seed=5))
     assert set(m) == {"fvu", "l0", "mse"}
     assert 0 < m["fvu"] < 2 and m["l0"] == pytest.approx(4.0) and m["mse"] > 0
 

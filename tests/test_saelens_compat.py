@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from streamd.run.checkpoints import CheckpointStore
-from streamd.client.pull import load_sae
+from streamd.client.load import load_sae
 from streamd.sae import ARCHITECTURES
 from tests.test_checkpoints import HOOK
 from tests.test_pull import D_IN, export, trained_like

@@ -48,7 +48,7 @@ def _train(arch: str, steps: int, **sae_kw) -> tuple[float, float, dict]:
     for _ in range(steps):
         learner.step(truth.sample(BATCH, data_gen) * scale)
     after = recovery(truth.directions, learner.sae.W_dec)
-    metrics = learner.evaluate(truth.sample(8192, data_gen) * scale)
+    metrics = learner.held_out_metrics(truth.sample(8192, data_gen) * scale)
     print(f"{arch}: recovery@0.9 before {before:.3f} after {after:.3f}; eval {metrics}")
     return before, after, metrics
 

@@ -104,3 +104,25 @@ def test_encode_rejects_bad_input():
         wire.encode(wire.ActivationMessage("p", 0, 0, torch.zeros(3, 2, dtype=torch.float64)))
     with pytest.raises(ValueError, match="producer id"):
         wire.encode(wire.ActivationMessage("", 0, 0, torch.zeros(3, 2)))
+
+
+def test_decode_is_quiet_without_a_process_wide_filter():
+    """Importing the wire module adds no warnings filter; decoding read-only bytes still shows no "not writable"
+    warning, even with warnings as errors (in a fresh process: torch warns once per process)."""
+    import subprocess
+    import sys
+
+    script = """
+import warnings
+warnings.simplefilter("error")
+import torch  # torch adds filters of its own on import
+before = list(warnings.filters)
+from streamd import wire
+assert warnings.filters == before, "streamd.wire changed the process-wide warning filters"
+msg = wire.encode(wire.ActivationMessage("p", 0, 1, torch.ones(3, 4), token_ids=torch.arange(3)))
+for _ in range(2):
+    assert wire.decode(bytes(msg)).acts.sum() == 12
+assert warnings.filters == before
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -13,19 +13,20 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import torch
 from torch import Tensor
 
-from streamd.run.checkpoints import LATEST, MANIFEST, SAE_CFG, read_manifest
+from streamd.run.checkpoints import SAE_CFG
 from streamd.config import SiteSpec, StreamdConfig
-from streamd.produce.model import (
-    ActivationCapture, LoadedModel, configure_threads, first_tensor, load_frozen_model, pack_documents, site_id_hex,
-    site_module,
-)
-from streamd.client.pull import _cache_dir, load_sae, pull
-from streamd.sae import SAE
+from streamd.identity import site_id_hex
+from streamd.produce.capture import ActivationCapture, first_tensor, site_module
+from streamd.produce.model import LoadedModel, load_frozen_model
+from streamd.produce.packing import pack_documents
+from streamd.torch_utils import configure_threads
+from streamd.client import locate
+from streamd.client.load import load_sae
+from streamd.sae.quality import fvu_l0
 from streamd.produce.text import iter_source
 
 log = logging.getLogger(__name__)
@@ -103,20 +104,6 @@ EVAL_SKIP_DOCS = 500
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
 
 
-def _sae_dirs(path: Path) -> tuple[dict[str, Path], dict]:
-    """({name: SAE directory}, manifest or {}) of an SAE directory, a checkpoint directory, or a run directory."""
-    if (path / SAE_CFG).is_file():
-        return {path.name: path}, {}
-    for ckpts in (path, path / "checkpoints"):
-        if (ckpts / LATEST).is_file():
-            path = ckpts / (ckpts / LATEST).read_text().strip()
-            break
-    if not (path / MANIFEST).is_file():
-        raise FileNotFoundError(f"{path} is not an SAE, checkpoint, or run directory with a latest checkpoint")
-    manifest = read_manifest(path)
-    return {name: path / name for name in manifest["saes"]}, manifest
-
-
 def _site_of(sae_dir: Path) -> SiteSpec:
     hook = json.loads((sae_dir / SAE_CFG).read_text())["metadata"]["hook_name"]
     m = _HOOK_RE.match(hook or "")
@@ -151,33 +138,20 @@ def _site_activations(loaded: LoadedModel, site: SiteSpec, texts: list[str], con
     return torch.cat(out)
 
 
-@torch.no_grad()
-def _fvu_l0(sae: SAE, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
-    err = l0 = 0.0
-    for chunk in x.split(batch_size):
-        f = sae.encode(chunk)
-        err += float((sae.decode(f) - chunk).pow(2).sum())
-        l0 += float((f > 0).sum())
-    return {"fvu": err / max(float((x - x.mean(0)).pow(2).sum()), 1e-12), "l0": l0 / len(x)}
-
-
 def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
                     skip_docs: int = EVAL_SKIP_DOCS) -> dict[str, dict[str, float]]:
     """Per SAE of a checkpoint: ce_clean, ce_sae, ce_zero, kl_sae, ce_loss_score, n_tokens, and fvu / l0 on the
     same held-out activations.
 
-    ``checkpoint`` is an SAE, checkpoint or run directory, or a trainer's URL (the whole latest checkpoint is pulled
-    into the ``load_sae`` cache, with ``metrics.checkpoint_token``). The model comes from ``cfg.producer``
+    ``checkpoint`` is an SAE, checkpoint or run directory, a ``checkpoints/latest`` file, or a trainer's URL (the
+    whole latest checkpoint is pulled into the ``load_sae`` cache, with ``metrics.checkpoint_token``); see
+    :mod:`streamd.client.locate`. The model comes from ``cfg.producer``
     (model_path, dtype, device, context_length, batch_size); the site from each SAE's ``hook_name``; the text from
     :func:`held_out_texts`.
     """
-    if urlsplit(checkpoint).scheme in ("http", "https"):
-        token = cfg.metrics.checkpoint_token
-        path = pull(checkpoint, _cache_dir() / urlsplit(checkpoint).netloc.replace(":", "_"),
-                    token=token.get_secret_value() if token else None)
-    else:
-        path = Path(checkpoint)
-    sae_dirs, manifest = _sae_dirs(path)
+    token = cfg.metrics.checkpoint_token
+    found = locate.resolve(locate.fetch(checkpoint, token=token.get_secret_value() if token else None))
+    sae_dirs, manifest = found.saes, found.manifest
     p = cfg.producer
     configure_threads(p.torch_threads)
     loaded = load_frozen_model(p.model_path, p.dtype, p.device)
@@ -197,5 +171,6 @@ def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
         key = (site.site, site.layer)
         if key not in acts:
             acts[key] = _site_activations(loaded, site, texts, p.context_length, p.batch_size)
-        out[name].update(_fvu_l0(sae, acts[key]))
+        q = fvu_l0(sae, acts[key])
+        out[name].update(fvu=q["fvu"], l0=q["l0"])
     return out

@@ -1,4 +1,4 @@
-"""Fetch a checkpoint from a running trainer's server, and load an SAE from wherever it lives.
+"""Fetch a checkpoint from a running trainer's server (``load_sae`` is :mod:`streamd.client.load`).
 
 ``pull`` downloads into a ``.tmp-pull-*`` directory inside ``out``, checks every file's sha256 against both the
 description and the ``X-Checkpoint-SHA256`` header, and only then renames it into ``out/<id>``: a reader of ``out``
@@ -18,21 +18,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-from safetensors.torch import load_file
-
-from streamd.run.checkpoints import (
-    ID_RE,
-    LATEST,
-    MANIFEST,
-    NAME_RE,
-    SAE_CFG,
-    SAE_WEIGHTS,
-    fsync_dir,
-    read_manifest,
-)
-from streamd.sae import SAE, load_exported
+from streamd.run.checkpoints import ID_RE, MANIFEST, NAME_RE, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -139,49 +127,3 @@ def pull(
         raise
     log.info("pulled checkpoint %s (%s) into %s", ckid, sae or "all SAEs", target)
     return target
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamd" / "pulls"
-
-
-def _sae_dir(path: Path, sae: str | None) -> Path:
-    """Resolve an SAE dir, a checkpoint dir, a ``checkpoints/`` dir or a run dir to one SAE directory."""
-    if (path / SAE_CFG).is_file():
-        return path
-    if (path / MANIFEST).is_file():
-        names = read_manifest(path)["saes"]
-        if sae is None and len(names) != 1:
-            raise ValueError(f"checkpoint {path} holds SAEs {names}; name one")
-        name = sae if sae is not None else names[0]
-        if name not in names:
-            raise ValueError(f"checkpoint {path} has no SAE {name!r}; it has {names}")
-        return path / name
-    for ckpts in (path, path / "checkpoints"):
-        if (ckpts / LATEST).is_file():
-            ckid = (ckpts / LATEST).read_text().strip()
-            if ID_RE.match(ckid):
-                return _sae_dir(ckpts / ckid, sae)
-    raise FileNotFoundError(f"{path} is not an SAE, checkpoint, or run directory with a latest checkpoint")
-
-
-def load_sae(
-    path_or_url: str | Path,
-    sae: str | None = None,
-    token: str | None = None,
-    cafile: str | Path | None = None,
-    cache_dir: Path | None = None,
-) -> SAE:
-    """An SAE ready for ``encode(x)`` / ``decode(z)`` in raw activation units, from a local path or a server URL.
-
-    A URL is pulled (that SAE only) into ``cache_dir`` (default ``$XDG_CACHE_HOME/streamd/pulls/<host_port>``).
-    """
-    src = str(path_or_url)
-    if urlsplit(src).scheme in ("http", "https"):
-        where = urlsplit(src).netloc.replace(":", "_")
-        path = pull(src, (cache_dir or _cache_dir()) / where, sae=sae, token=token, cafile=cafile)
-    else:
-        path = Path(src)
-    d = _sae_dir(path, sae)
-    cfg = json.loads((d / SAE_CFG).read_text())
-    return load_exported(cfg, load_file(d / SAE_WEIGHTS))

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import math
 import time
-import urllib.request
-from collections import defaultdict
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from streamd.run.history import read_history
-from streamd.metrics import DENSITY_BUCKETS, STEP_STATS
+from streamd.metrics import DENSITY_BUCKETS, STEP_STATS, fetch_samples
 
 def _curves() -> list[tuple[str, str | None, str, bool]]:
     """(file stem, per-SAE key or None for a run-level key, y label, log y axis): the schema's plotted stats."""
@@ -87,15 +83,6 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Sample name -> [(labels, value)] from a Prometheus text exposition."""
-    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[s.name].append((s.labels, s.value))
-    return out
-
-
 def _fmt(v: float | None) -> str:
     if v is None or not math.isfinite(v):
         return "-" if v is None or v != v else str(v)
@@ -104,12 +91,7 @@ def _fmt(v: float | None) -> str:
 
 def status(url: str, timeout: float = 5.0) -> str:
     """Fetch ``URL/metrics`` from a live trainer and summarise it for a terminal."""
-    target = url.rstrip("/")
-    if not target.endswith("/metrics"):
-        target += "/metrics"
-    with urllib.request.urlopen(target, timeout=timeout) as resp:
-        text = resp.read().decode("utf-8")
-    m = _samples(text)
+    m = fetch_samples(url, timeout)
 
     def one(name: str) -> float | None:
         vals = m.get(name)

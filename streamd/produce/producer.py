@@ -12,22 +12,22 @@ import logging
 import queue
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import kafka.errors as kerr
 import torch
 from kafka.errors import KafkaError
-from prometheus_client.parser import text_string_to_metric_families
 
 from streamd import wire
 from streamd.config import KafkaConfig, StreamdConfig
 from streamd.stream.kafka import ensure_topic, make_producer
 from streamd.stream.retention import Retention, retention_for
-from streamd.metrics import ProducerMetrics, publish_error_kind
-from streamd.produce.model import (
-    TORCH_DTYPES, ActivationCapture, LoadedModel, configure_threads, load_frozen_model, pack_documents, site_id,
-)
+from streamd.metrics import ProducerMetrics, fetch_samples, publish_error_kind
+from streamd.identity import site_id
+from streamd.produce.capture import ActivationCapture
+from streamd.produce.model import LoadedModel, load_frozen_model
+from streamd.produce.packing import pack_documents
+from streamd.torch_utils import TORCH_DTYPES, configure_threads
 from streamd.produce.text import iter_source
 
 log = logging.getLogger(__name__)
@@ -241,18 +241,14 @@ class ActivationProducer:
 
     def _trainer_seq(self) -> int | None:
         """The highest seq of ours the trainer has consumed (from its /metrics), or None if it can't be read."""
-        url = self.pcfg.lag_url.rstrip("/") + "/metrics"
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                text = r.read().decode()
+            samples = fetch_samples(self.pcfg.lag_url, timeout=5)
         except OSError as e:
-            log.warning("cannot read the trainer's progress at %s: %s", url, e)
+            log.warning("cannot read the trainer's progress at %s: %s", self.pcfg.lag_url, e)
             return None
-        for family in text_string_to_metric_families(text):
-            if family.name == "streamd_producer_last_seq":
-                for sample in family.samples:
-                    if sample.labels.get("producer") == self.pcfg.producer_id:
-                        return int(sample.value)
+        for labels, value in samples.get("streamd_producer_last_seq", []):
+            if labels.get("producer") == self.pcfg.producer_id:
+                return int(value)
         return -1  # the trainer has not seen us yet
 
     def _wait_for_trainer(self) -> bool:

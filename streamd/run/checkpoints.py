@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from streamd.files import sha256_file
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -51,7 +53,6 @@ LATEST = "latest"
 # SAELens reads cfg.json as its pre-6.0 format unless metadata names a 6.x version.
 SAELENS_CFG_VERSION = "6.0.0"
 TMP_PREFIX = ".tmp-"
-_HASH_CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -86,14 +87,6 @@ def checkpoint_id(tokens: int) -> str:
     if tokens < 0:
         raise ValueError(f"tokens must be >= 0, got {tokens}")
     return f"{tokens:012d}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_bytes(path: Path, data: bytes) -> None:

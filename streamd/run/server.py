@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from streamd.run.checkpoints import MANIFEST, NAME_RE, CheckpointError, CheckpointStore, read_manifest, sha256_file
+from streamd.files import sha256_file
+from streamd.run.checkpoints import MANIFEST, NAME_RE, CheckpointError, CheckpointStore, read_manifest
 from streamd.config import MetricsConfig
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class StatusServer:
     def from_config(
         cls, cfg: MetricsConfig, registry: CollectorRegistry, store: CheckpointStore | None, ready: ReadyFn
     ) -> StatusServer:
+        """A server for ``metrics.*`` (host, port, checkpoint token, TLS pair): what the trainer serves."""
         token = cfg.checkpoint_token.get_secret_value() if cfg.checkpoint_token else None
         tls = (cfg.tls_certfile, cfg.tls_keyfile) if cfg.tls_certfile and cfg.tls_keyfile else None
         return cls(cfg.host, cfg.port, registry, store, ready, token, tls)

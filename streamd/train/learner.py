@@ -12,12 +12,9 @@ import torch
 from torch import Tensor
 
 from streamd.config import SAEConfig, TrainerConfig
+from streamd.metrics import DENSITY_BUCKETS, DENSITY_EDGES, DENSITY_NEVER, DENSITY_STEP
 from streamd.sae import build_sae
-
-# log10 feature-density histogram: buckets [e, e + 0.5) for e in -8.0 .. -0.5 (values outside are clamped in), plus
-# latents that never fired in the window
-HIST_EDGES = [-8.0 + 0.5 * i for i in range(16)]
-HIST_NEVER = "never"
+from streamd.sae.quality import fvu, fvu_l0
 
 
 def default_lr(cfg: SAEConfig, d_in: int) -> float:
@@ -84,11 +81,6 @@ class StepStats:
     __hash__ = None  # mutable cache: not hashable
 
 
-def _fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained: squared error over squared deviation from the batch mean."""
-    return (x_hat - x).float().pow(2).sum() / (x - x.mean(0)).float().pow(2).sum().clamp_min(1e-12)
-
-
 class Learner:
     """One SAE + Adam + schedules + feature statistics. ``step`` is one optimiser update on one batch."""
 
@@ -125,16 +117,14 @@ class Learner:
         return self.density() > self.tcfg.dense_threshold
 
     def density_histogram(self) -> dict[str, float]:
-        """Fraction of latents per log10-density bucket (labels: lower edge, e.g. "-3.5"; and "never")."""
+        """Fraction of latents per ``metrics.DENSITY_BUCKETS`` label (log10-density lower edge, e.g. "-3.5"; "never")."""
         d = self.density()
         n = d.numel()
         fired = d > 0
-        out = {HIST_NEVER: float((~fired).sum()) / n}
-        logd = d[fired].log10().clamp(HIST_EDGES[0], -1e-9)
-        idx = ((logd - HIST_EDGES[0]) / 0.5).floor().long()
-        counts = torch.bincount(idx, minlength=len(HIST_EDGES)).tolist()
-        out.update({f"{e:.1f}": c / n for e, c in zip(HIST_EDGES, counts)})
-        return out
+        logd = d[fired].log10().clamp(DENSITY_EDGES[0], -1e-9)  # density 1.0 goes in the top bucket
+        idx = ((logd - DENSITY_EDGES[0]) / DENSITY_STEP).floor().long()
+        counts = torch.bincount(idx, minlength=len(DENSITY_EDGES)).tolist() + [int((~fired).sum())]
+        return {label: c / n for label, c in zip(DENSITY_BUCKETS, counts)}
 
     @torch.no_grad()
     def _record_fires(self, feats: Tensor) -> None:
@@ -174,7 +164,7 @@ class Learner:
             self._record_fires(feats)
             terms = list(out.terms)
             values = torch.stack(
-                [out.loss.detach().float(), (feats > 0).sum(-1).float().mean(), _fvu(x, out.x_hat.detach()),
+                [out.loss.detach().float(), (feats > 0).sum(-1).float().mean(), fvu(x, out.x_hat.detach()),
                  self.dead_mask().float().mean(), self.dense_mask().float().mean()]
                 + [out.terms[k].detach().float() for k in terms]
             )
@@ -182,19 +172,10 @@ class Learner:
         host = {"lr": lr, "sparsity_coefficient": sparsity_scale, "step": self.steps, "tokens": self.tokens_seen}
         return StepStats(values, keys, host)
 
-    @torch.no_grad()
-    def evaluate(self, x: Tensor) -> dict[str, float]:
-        """Inference-mode metrics (for batchtopk: the learned threshold, not the batch top-k) on held-out tokens."""
-        err = dev = l0 = 0.0
-        mean = x.float().mean(0).to(self.device)
-        for chunk in x.split(self.tcfg.batch_size):
-            c = chunk.to(self.device, torch.float32)
-            f = self.sae.encode(c)
-            err += float((self.sae.decode(f) - c).pow(2).sum())
-            dev += float((c - mean).pow(2).sum())
-            l0 += float((f > 0).sum())
-        n = x.shape[0]
-        return {"fvu": err / max(dev, 1e-12), "l0": l0 / n, "mse": err / n}
+    def held_out_metrics(self, x: Tensor) -> dict[str, float]:
+        """fvu / l0 / mse of the inference SAE (for batchtopk: the learned threshold, not the batch top-k) on
+        held-out tokens (see :func:`streamd.sae.quality.fvu_l0`)."""
+        return fvu_l0(self.sae, x, self.tcfg.batch_size)
 
     # --- resume --------------------------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import torch
 from streamd import __version__, wire
 from streamd.config import CheckpointConfig, StreamdConfig, TrainerConfig
 from streamd.metrics import STEP_STATS, TrainerMetrics
-from streamd.produce.model import TORCH_DTYPES, configure_threads
+from streamd.torch_utils import TORCH_DTYPES, configure_threads
 from streamd.run.checkpoints import CheckpointStore
 from streamd.run.history import MetricsHistory
 from streamd.run.lock import RunLock, RunLockedError
@@ -52,7 +52,7 @@ def expected_site_id(cfg: StreamdConfig) -> int:
     """The site the trainer accepts: given as hex, or computed from the model's content hash and the site."""
     if cfg.trainer.site_id is not None:
         return int(cfg.trainer.site_id, 16)
-    from streamd.produce.model import default_model_path, model_content_hash, site_id
+    from streamd.identity import default_model_path, model_content_hash, site_id
 
     path = cfg.trainer.model_path or str(default_model_path())
     return site_id(model_content_hash(path), cfg.trainer.site.site, cfg.trainer.site.layer)
@@ -208,12 +208,8 @@ class Trainer:
         self.intake = Intake(source, self.tcfg, self.metrics, self._set_up, self.stop_event,
                              on_filling=self._note_filling, scale=state.get("scale"), eval_set=state.get("eval_set"))
         self.checkpointer = Checkpointer(cfg, self.store, self.metrics, retention, site)
-        token = self.cfg.metrics.checkpoint_token
-        tls = (cfg.metrics.tls_certfile, cfg.metrics.tls_keyfile) if cfg.metrics.tls_certfile else None
-        self.server = StatusServer(
-            cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.store, self.ready,
-            token=token.get_secret_value() if token else None, tls=tls,
-        ).start()  # /healthz and /readyz answer from construction on, while the first activations are awaited
+        self.server = StatusServer.from_config(cfg.metrics, self.metrics.registry, self.store, self.ready).start()
+        # /healthz and /readyz answer from construction on, while the first activations are awaited
 
     # --- what the intake holds ----------------------------------------------------------------------------------
 
@@ -311,7 +307,7 @@ class Trainer:
         if self.eval_set is None or len(self.eval_set) == 0:
             return {}
         x = self.eval_set.to(self.device, torch.float32) * self.scale
-        out = {name: learner.evaluate(x) for name, learner in self.learners.items()}
+        out = {name: learner.held_out_metrics(x) for name, learner in self.learners.items()}
         for name, r in out.items():
             self.metrics.observe_step(name, {"eval_fvu": r["fvu"], "eval_l0": r["l0"]})
         return out

@@ -1,0 +1,82 @@
+"""Pack text into fixed-length, BOS-anchored token windows for the frozen model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Window:
+    """One fixed-length context; ``keep_mask`` is False where the token's activation must not be published."""
+
+    input_ids: torch.Tensor  # LongTensor [T]
+    keep_mask: torch.Tensor  # BoolTensor [T]
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def _tokenized(tokenizer, docs: Iterable[str], chunk: int = 64) -> Iterator[list[int]]:
+    """Token ids of each document (no special tokens), tokenised in chunks so the fast tokenizer batches."""
+    pending: list[str] = []
+    for doc in docs:
+        pending.append(doc)
+        if len(pending) == chunk:
+            yield from tokenizer(pending, add_special_tokens=False, verbose=False)["input_ids"]
+            pending = []
+    if pending:
+        yield from tokenizer(pending, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def pack_documents(tokenizer, docs: Iterable[str], context_length: int) -> Iterator[Window]:
+    """Concatenate documents into windows of ``context_length`` tokens.
+
+    With a BOS token, every window starts with BOS and documents inside a window are separated by BOS, so each
+    position sees a BOS-anchored context (as in SAELens); BOS and padding are masked out of the published tokens.
+    The last partial window is padded. Deterministic: the same documents give the same windows.
+    """
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2, got {context_length}")
+    bos = tokenizer.bos_token_id
+    head = [] if bos is None else [bos]
+    ids: list[int] = list(head)
+    keep: list[bool] = [False] * len(head)
+
+    def emit() -> Window:
+        pad = context_length - len(ids)
+        return Window(
+            input_ids=torch.tensor(ids + [_pad_id(tokenizer)] * pad, dtype=torch.long),
+            keep_mask=torch.tensor(keep + [False] * pad, dtype=torch.bool),
+        )
+
+    for doc_ids in _tokenized(tokenizer, docs):
+        if not doc_ids:
+            continue
+        if bos is not None and len(ids) > len(head):  # separate from the previous document in this window
+            ids.append(bos)
+            keep.append(False)
+        i = 0
+        while True:
+            if len(ids) == context_length:
+                yield emit()
+                ids, keep = list(head), [False] * len(head)
+            if i == len(doc_ids):
+                break
+            take = min(context_length - len(ids), len(doc_ids) - i)
+            ids.extend(doc_ids[i : i + take])
+            keep.extend([True] * take)
+            i += take
+    if len(ids) > len(head):
+        yield emit()
+
+
+def count_tokens(tokenizer, docs: Iterable[str]) -> int:
+    """Tokens ``pack_documents`` would publish, counted one document at a time (an independent check)."""
+    return sum(len(tokenizer(doc, add_special_tokens=False, verbose=False).input_ids) for doc in docs)
