@@ -16,10 +16,12 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from streamd.sae import loss_term_label
+
 NAMESPACE = "streamd"
+# The common ``term`` labels, present from the start; each architecture declares which label each of its loss terms
+# reports under (``loss_terms`` in its file, see streamd.sae): one of these, or a label of its own.
 LOSS_TERMS = ("total", "mse", "sparsity", "auxk")
-# What each architecture calls its sparsity penalty term -> the common ``term`` label.
-LOSS_TERM_ALIASES = {"l1": "sparsity", "l0_penalty": "sparsity"}
 # log10(feature density) buckets, lower edges -8.0 .. 0.0 step 0.5, plus latents that never fired in the window.
 DENSITY_BUCKETS = tuple(f"{-8 + i / 2:.1f}" for i in range(17)) + ("never",)
 PUBLISH_ERROR_KINDS = ("timeout", "too_large", "broker", "other")
@@ -141,8 +143,8 @@ class TrainerMetrics:
         An unknown key raises: a renamed stat must not silently stop updating its dashboard panel.
         """
         for key, value in stats.items():
-            term = LOSS_TERM_ALIASES.get(key[5:], key[5:]) if key.startswith("loss_") else None
-            if term in LOSS_TERMS:
+            term = loss_term_label(key[5:]) if key.startswith("loss_") else None
+            if term is not None:
                 self.loss.labels(sae=sae, term=term).set(value)
             elif key in STEP_GAUGES:
                 getattr(self, key).labels(sae=sae).set(value)

@@ -6,7 +6,6 @@ batch size. The learner knows nothing about Kafka: it is handed normalised batch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +18,6 @@ from streamd.sae import build_sae
 # latents that never fired in the window
 HIST_EDGES = [-8.0 + 0.5 * i for i in range(16)]
 HIST_NEVER = "never"
-
-
-def default_lr(cfg: SAEConfig, d_in: int) -> float:
-    """Gao et al.'s width scaling for TopK-style SAEs; Anthropic's / DeepMind's constant for the penalised ones."""
-    if cfg.lr is not None:
-        return cfg.lr
-    if cfg.architecture in ("topk", "batchtopk"):
-        return 2e-4 / math.sqrt(cfg.width(d_in) / 16384)
-    return 5e-5
 
 
 def schedule(tokens: int, tcfg: TrainerConfig) -> tuple[float, float]:
@@ -70,7 +60,7 @@ class Learner:
         self.cfg, self.tcfg = cfg, trainer_cfg
         self.device = torch.device(device)
         self.sae = build_sae(cfg, d_in).to(self.device)
-        self.base_lr = default_lr(cfg, d_in)
+        self.base_lr = cfg.learning_rate(d_in)  # lr, else the architecture's default_lr
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999))
         self.autocast = trainer_cfg.autocast_bf16 and self.device.type == "cuda"
         self.tokens_seen = 0
