@@ -160,7 +160,8 @@ class SAEConfig(Strict):
     architecture: str = Field(DEFAULT_ARCHITECTURE, description="a registered architecture (streamd.sae.ARCHITECTURES)")
     expansion_factor: int = Field(8, ge=1)
     d_sae: int | None = Field(None, ge=1, description="overrides expansion_factor")
-    lr: float | None = Field(None, gt=0, description="default: the architecture's (SAEConfig.default_lr)")
+    lr: float | None = Field(None, gt=0, description="default: the architecture's default_lr (topk, batchtopk: "
+                              "2e-4 / sqrt(d_sae / 16384); relu, jumprelu: 5e-5)")
     seed: int = 0
     grad_clip: float = Field(1.0, gt=0)
 
@@ -199,13 +200,13 @@ class SAEConfig(Strict):
 
     def __new__(cls, *args: Any, **data: Any) -> SAEConfig:
         if cls is SAEConfig:  # SAEConfig(architecture="relu", ...) is a ReLU config
-            cls = _architectures().get(data.get("architecture", DEFAULT_ARCHITECTURE), SAEConfig)
+            cls = _config_class(data)
         return super().__new__(cls)
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> SAEConfig:  # type: ignore[override]
         if cls is SAEConfig and isinstance(obj, Mapping):
-            cls = _architectures().get(obj.get("architecture", DEFAULT_ARCHITECTURE), SAEConfig)
+            cls = _config_class(obj)
         return super(SAEConfig, cls).model_validate(obj, **kwargs)
 
     @model_validator(mode="before")
@@ -233,6 +234,12 @@ def _architectures() -> Mapping[str, type[SAEConfig]]:
     from streamd.sae import ARCHITECTURES
 
     return ARCHITECTURES
+
+
+def _config_class(data: Mapping[str, Any]) -> type[SAEConfig]:
+    """The registered class of ``data["architecture"]``; SAEConfig itself (whose validation fails) if none is."""
+    arch = data.get("architecture", DEFAULT_ARCHITECTURE)
+    return _architectures().get(arch, SAEConfig) if isinstance(arch, str) else SAEConfig
 
 
 def _sae_config(value: Any) -> SAEConfig:
