@@ -130,7 +130,7 @@ def __getattr__(name: str) -> Any:  # the torch-side names, imported on first us
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# The registry: one line per architecture file.
+# The registry: one line per architecture file (and its module in the import at the top).
 register(relu.ReLUConfig)
 register(topk.TopKConfig)
 register(batchtopk.BatchTopKConfig)
