@@ -9,16 +9,30 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from streamd.sae.base import SAE
 
 Site = Literal["resid_post", "mlp_out", "attn_out"]
 ModelDType = Literal["float32", "bfloat16", "float16"]
-Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
+DEFAULT_ARCHITECTURE = "topk"  # of an SAE config without ``architecture``
 
 
 class Strict(BaseModel):
@@ -133,25 +147,111 @@ class ProducerConfig(Strict):
 
 
 class SAEConfig(Strict):
-    """One SAE of a run; several may train on the same batches (a sweep)."""
+    """One SAE of a run; several may train on the same batches (a sweep).
+
+    This class holds the fields every SAE has. Each architecture subclasses it in its own file under
+    ``streamd/sae/`` with its parameters and declarations (default lr, loss terms, export; see ``streamd.sae``), and
+    is looked up by ``architecture`` in the registry ``streamd.sae.ARCHITECTURES``: ``SAEConfig(**fields)`` and
+    ``SAEConfig.model_validate(fields)`` return that subclass (no ``architecture`` means topk), and so does every
+    entry of ``trainer.saes``. A field of another architecture is an error that names it.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$", description="also a directory name")
-    architecture: Architecture = "topk"
+    architecture: str = Field(DEFAULT_ARCHITECTURE, description="a registered architecture (streamd.sae.ARCHITECTURES)")
     expansion_factor: int = Field(8, ge=1)
     d_sae: int | None = Field(None, ge=1, description="overrides expansion_factor")
-    k: int = Field(32, ge=1, description="topk / batchtopk")
-    l1_coefficient: float = Field(5.0, ge=0, description="relu: sparsity weight (after warm-up)")
-    l0_coefficient: float = Field(1e-3, ge=0, description="jumprelu: L0 weight")
-    jumprelu_bandwidth: float = Field(1e-3, gt=0)
-    jumprelu_init_threshold: float = Field(1e-3, gt=0)
-    aux_k: int | None = Field(None, ge=1, description="topk: dead latents used by AuxK; default d_in // 2")
-    aux_coefficient: float = Field(1 / 32, ge=0)
-    lr: float | None = Field(None, gt=0, description="default: 2e-4 / sqrt(d_sae / 16384) (topk), 5e-5 (relu)")
+    lr: float | None = Field(None, gt=0, description="default: the architecture's default_lr (topk, batchtopk: "
+                              "2e-4 / sqrt(d_sae / 16384); relu, jumprelu: 5e-5)")
     seed: int = 0
     grad_clip: float = Field(1.0, gt=0)
 
+    # --- what each architecture declares (class attributes and methods of its subclass) -------------------------
+    # its LossOut.terms keys -> the ``term`` label of the streamd_loss metric (total, mse, sparsity, auxk, or new)
+    loss_terms: ClassVar[Mapping[str, str]] = {"mse": "mse"}
+    # the SAELens architecture it exports as ("standard", "topk", "jumprelu", ...)
+    export_as: ClassVar[str]
+    # the streamd architecture that loads such an export back; None: this one
+    export_loaded_by: ClassVar[str | None] = None
+
+    def default_lr(self, d_in: int) -> float:
+        """The learning rate when ``lr`` is not set."""
+        raise NotImplementedError(f"architecture {self.architecture} declares no default_lr")
+
+    @classmethod
+    def module(cls) -> type[SAE]:
+        """The ``streamd.sae.base.SAE`` subclass that trains this architecture (imports torch)."""
+        raise NotImplementedError(f"{cls.__name__} declares no module")
+
+    @classmethod
+    def from_export(cls, saelens_cfg: dict[str, Any], d_sae: int) -> SAEConfig:
+        """The config of an SAE loaded back from an export (``cfg.json``) this architecture loads."""
+        return cls(name="exported", d_sae=d_sae)
+
+    # --- common -------------------------------------------------------------------------------------------------
+
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion_factor * d_in
+
+    def learning_rate(self, d_in: int) -> float:
+        """The lr this SAE trains with: ``lr``, else its architecture's default."""
+        return self.lr if self.lr is not None else self.default_lr(d_in)
+
+    # --- dispatch on ``architecture`` through the registry --------------------------------------------------------
+
+    def __new__(cls, *args: Any, **data: Any) -> SAEConfig:
+        if cls is SAEConfig:  # SAEConfig(architecture="relu", ...) is a ReLU config
+            cls = _config_class(data)
+        return super().__new__(cls)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> SAEConfig:  # type: ignore[override]
+        if cls is SAEConfig and isinstance(obj, Mapping):
+            cls = _config_class(obj)
+        return super(SAEConfig, cls).model_validate(obj, **kwargs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_of_this_architecture(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        archs = _architectures()
+        if cls is SAEConfig:  # reached only when no registered architecture matched
+            raise ValueError(f"architecture {data.get('architecture')!r} is not registered; "
+                             f"expected one of {', '.join(archs)}")
+        arch = cls.model_fields["architecture"].default
+        problems = []
+        for key in data:
+            owners = [a for a, c in archs.items() if key in c.model_fields]
+            if key not in cls.model_fields and owners:
+                problems.append(f"{key} is not a field of architecture {arch} (it belongs to {', '.join(owners)})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return data
+
+
+def _architectures() -> Mapping[str, type[SAEConfig]]:
+    """The registry (imported on first use: the architecture files import this module, and none imports torch)."""
+    from streamd.sae import ARCHITECTURES
+
+    return ARCHITECTURES
+
+
+def _config_class(data: Mapping[str, Any]) -> type[SAEConfig]:
+    """The registered class of ``data["architecture"]``; SAEConfig itself (whose validation fails) if none is."""
+    arch = data.get("architecture", DEFAULT_ARCHITECTURE)
+    return _architectures().get(arch, SAEConfig) if isinstance(arch, str) else SAEConfig
+
+
+def _sae_config(value: Any) -> SAEConfig:
+    if isinstance(value, SAEConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"an SAE is a mapping of fields (name, architecture, ...), got {type(value).__name__}")
+    return SAEConfig.model_validate(value)
+
+
+# A field holding any registered architecture's config: validated by the architecture's class, dumped with its fields.
+AnySAEConfig = Annotated[SerializeAsAny[SAEConfig], PlainValidator(_sae_config, json_schema_input_type=dict)]
 
 
 class TrainerConfig(Strict):
@@ -168,7 +268,7 @@ class TrainerConfig(Strict):
     batch_size: int = Field(4096, ge=1)
     device: str = "auto"
     autocast_bf16: bool = False
-    saes: list[SAEConfig] = Field(default_factory=lambda: [SAEConfig(name="topk-k32")], min_length=1)
+    saes: list[AnySAEConfig] = Field(default_factory=lambda: [SAEConfig(name="topk-k32")], min_length=1)
     warmup_tokens: int = Field(1_000_000, ge=0, description="lr and sparsity-penalty warm-up")
     max_tokens: int | None = Field(None, ge=1, description="stop after this many; enables lr decay")
     decay_fraction: float = Field(0.2, ge=0, le=1, description="last fraction of max_tokens with linear lr decay")

@@ -20,10 +20,12 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from streamd.sae import loss_term_label
+
 NAMESPACE = "streamd"
+# The common ``term`` labels, present from the start; each architecture declares which label each of its loss terms
+# reports under (``loss_terms`` in its file, see streamd.sae): one of these, or a label of its own.
 LOSS_TERMS = ("total", "mse", "sparsity", "auxk")
-# What each architecture calls its sparsity penalty term -> the common ``term`` label.
-LOSS_TERM_ALIASES = {"l1": "sparsity", "l0_penalty": "sparsity"}
 # log10(feature density) buckets [e, e + 0.5) with lower edges e = -8.0 .. -0.5; densities below 1e-8 count in the
 # first, and the last is closed at 0.0 (density 1: fires on every token). Plus latents that never fired in the window.
 # Labels are the lower edges ("-3.5") and "never". The learner fills them; the metrics, report and dashboard show them.
@@ -204,8 +206,8 @@ class TrainerMetrics:
         An unknown key raises: a renamed stat must not silently stop updating its dashboard panel.
         """
         for key, value in stats.items():
-            term = LOSS_TERM_ALIASES.get(key[5:], key[5:]) if key.startswith("loss_") else None
-            if term in LOSS_TERMS:
+            term = loss_term_label(key[5:]) if key.startswith("loss_") else None
+            if term is not None:
                 self.loss.labels(sae=sae, term=term).set(value)
             elif key in self.per_sae:
                 self.per_sae[key].labels(sae=sae).set(value)

@@ -103,7 +103,8 @@ def test_pull_over_tls_with_token(store: CheckpointStore, tmp_path: Path) -> Non
 def trained_like(arch: str) -> SAE:
     """An SAE of ``arch`` with non-trivial biases and thresholds, as if trained."""
     g = torch.Generator().manual_seed(len(arch))
-    sae = build_sae(SAEConfig(name=arch, architecture=arch, d_sae=4 * D_IN, k=5), D_IN, g)
+    params = {"k": 5} if "k" in ARCHITECTURES[arch].model_fields else {}
+    sae = build_sae(SAEConfig(name=arch, architecture=arch, d_sae=4 * D_IN, **params), D_IN, g)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3, generator=g)
         sae.b_dec.normal_(0, 1.0, generator=g)

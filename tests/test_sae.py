@@ -10,9 +10,11 @@ import torch
 
 from streamd.config import SAEConfig, TrainerConfig
 from streamd.metrics import DENSITY_BUCKETS
-from streamd.train.learner import Learner, default_lr, schedule
+from streamd.train.learner import Learner, schedule
 from streamd.sae import ARCHITECTURES, build_sae, load_exported
 from streamd.sae.jumprelu import JumpReLUSAE
+
+default_lr = SAEConfig.learning_rate  # the lr an SAE trains with: lr if set, else its architecture's default
 
 torch.set_num_threads(2)
 ARCHS = sorted(ARCHITECTURES)
@@ -21,7 +23,8 @@ D_IN = 16
 
 def cfg_for(arch: str, **kw) -> SAEConfig:
     base = {"name": f"t-{arch}", "architecture": arch, "d_sae": 64, "k": 4, "jumprelu_bandwidth": 0.5}
-    return SAEConfig(**{**base, **kw})
+    fields = ARCHITECTURES[arch].model_fields  # each architecture takes only its own parameters
+    return SAEConfig(**{**{k: v for k, v in base.items() if k in fields}, **kw})
 
 
 def tcfg(**kw) -> TrainerConfig:

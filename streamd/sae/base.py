@@ -43,10 +43,11 @@ def sum_sq(err: Tensor) -> Tensor:
 
 
 class SAE(nn.Module, ABC):
-    """Abstract SAE. Subclasses set the class attributes below and implement ``encode`` and ``loss``."""
+    """Abstract SAE. Subclasses set the class attributes below and implement ``encode`` and ``loss``.
 
-    architecture: str  # streamd's name (SAEConfig.architecture)
-    export_architecture: str  # SAELens' name of the inference architecture it exports as
+    Its name and what it exports as come from its config (``cfg.architecture``, ``cfg.export_as``).
+    """
+
     decoder_init_norm: float = 1.0
     unit_norm_decoder: bool = True  # rows of W_dec kept at norm 1 (gradient projection + renormalisation)
     init_b_dec_from_data: bool = False  # the learner calls init_b_dec on the first batch
@@ -103,7 +104,7 @@ class SAE(nn.Module, ABC):
     def saelens_cfg(self) -> dict:
         """SAELens 6.x config keys for the inference architecture (the checkpoint module adds d_in, d_sae, ...)."""
         return {
-            "architecture": self.export_architecture,
+            "architecture": self.cfg.export_as,
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",
             "reshape_activations": "none",

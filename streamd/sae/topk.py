@@ -7,48 +7,90 @@ scaled down when fewer than ``aux_k`` latents are dead (as SAELens does).
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import math
+from functools import cache
+from typing import TYPE_CHECKING, Any, Literal
 
-from streamd.sae.base import SAE, LossOut, sum_sq
+from pydantic import Field
+
+from streamd.config import SAEConfig
+
+if TYPE_CHECKING:
+    from streamd.sae.base import SAE
 
 
-class TopKSAE(SAE):
-    architecture = "topk"
-    export_architecture = "topk"
-    init_b_dec_from_data = True
+class TopKConfig(SAEConfig):
+    architecture: Literal["topk"] = "topk"
+    k: int = Field(32, ge=1, description="latents kept per token (batchtopk: on average)")
+    aux_k: int | None = Field(None, ge=1, description="dead latents used by AuxK; default d_in // 2")
+    aux_coefficient: float = Field(1 / 32, ge=0, description="AuxK weight")
 
-    def encode(self, x: Tensor) -> Tensor:
-        return self.topk(self.pre_acts(x))
+    loss_terms = {"mse": "mse", "auxk": "auxk"}
+    export_as = "topk"
 
-    def topk(self, pre: Tensor) -> Tensor:
-        vals, idx = pre.topk(min(self.cfg.k, self.d_sae), dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+    def default_lr(self, d_in: int) -> float:
+        return 2e-4 / math.sqrt(self.width(d_in) / 16384)  # Gao et al.'s width scaling
 
-    def train_acts(self, pre: Tensor) -> Tensor:
-        """The activations used for reconstruction in training (batchtopk overrides this)."""
-        return self.topk(pre)
+    @classmethod
+    def module(cls) -> type[SAE]:
+        return _module()
 
-    def loss(self, x: Tensor, sparsity_scale: float, dead_mask: Tensor | None = None) -> LossOut:
-        pre = self.pre_acts(x)
-        f = self.train_acts(pre)
-        x_hat = self.decode(f)
-        mse = sum_sq(x_hat - x)
-        auxk = self.auxk_loss(pre, (x - x_hat).detach(), dead_mask)
-        terms = {"mse": mse, "auxk": auxk}
-        return LossOut(mse + self.cfg.aux_coefficient * auxk, terms, f, x_hat)
+    @classmethod
+    def from_export(cls, saelens_cfg: dict[str, Any], d_sae: int) -> TopKConfig:
+        return cls(name="exported", d_sae=d_sae, k=int(saelens_cfg["k"]))
 
-    def auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        if n_dead == 0:
-            return pre.new_zeros(())
-        aux_k = self.cfg.aux_k or self.d_in // 2
-        k = min(aux_k, n_dead)
-        masked = pre.masked_fill(~dead_mask, float("-inf"))
-        vals, idx = masked.topk(k, dim=-1, sorted=False)
-        # no ReLU: dead latents' pre-activations are mostly negative, and a ReLU would cut off their gradient
-        aux_f = torch.zeros_like(pre).scatter_(-1, idx, vals)
-        return min(n_dead / aux_k, 1.0) * sum_sq(aux_f @ self.W_dec - residual)
 
-    def saelens_cfg(self) -> dict:
-        return {**super().saelens_cfg(), "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+@cache
+def _module() -> type[SAE]:
+    import torch
+    from torch import Tensor
+
+    from streamd.sae.base import SAE, LossOut, sum_sq
+
+    class TopKSAE(SAE):
+        cfg: TopKConfig
+        init_b_dec_from_data = True
+
+        def encode(self, x: Tensor) -> Tensor:
+            return self.topk(self.pre_acts(x))
+
+        def topk(self, pre: Tensor) -> Tensor:
+            vals, idx = pre.topk(min(self.cfg.k, self.d_sae), dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+
+        def train_acts(self, pre: Tensor) -> Tensor:
+            """The activations used for reconstruction in training (batchtopk overrides this)."""
+            return self.topk(pre)
+
+        def loss(self, x: Tensor, sparsity_scale: float, dead_mask: Tensor | None = None) -> LossOut:
+            pre = self.pre_acts(x)
+            f = self.train_acts(pre)
+            x_hat = self.decode(f)
+            mse = sum_sq(x_hat - x)
+            auxk = self.auxk_loss(pre, (x - x_hat).detach(), dead_mask)
+            terms = {"mse": mse, "auxk": auxk}
+            return LossOut(mse + self.cfg.aux_coefficient * auxk, terms, f, x_hat)
+
+        def auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
+            n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+            if n_dead == 0:
+                return pre.new_zeros(())
+            aux_k = self.cfg.aux_k or self.d_in // 2
+            k = min(aux_k, n_dead)
+            masked = pre.masked_fill(~dead_mask, float("-inf"))
+            vals, idx = masked.topk(k, dim=-1, sorted=False)
+            # no ReLU: dead latents' pre-activations are mostly negative, and a ReLU would cut off their gradient
+            aux_f = torch.zeros_like(pre).scatter_(-1, idx, vals)
+            return min(n_dead / aux_k, 1.0) * sum_sq(aux_f @ self.W_dec - residual)
+
+        def saelens_cfg(self) -> dict:
+            return {**super().saelens_cfg(), "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+
+    TopKSAE.__qualname__ = "TopKSAE"
+    return TopKSAE
+
+
+def __getattr__(name: str) -> Any:  # ``from streamd.sae.topk import TopKSAE`` builds the module class (imports torch)
+    if name == "TopKSAE":
+        return _module()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,24 +6,14 @@ batch size. The learner knows nothing about Kafka: it is handed normalised batch
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from streamd.config import SAEConfig, TrainerConfig
-from streamd.metrics import DENSITY_BUCKETS, DENSITY_EDGES, DENSITY_NEVER, DENSITY_STEP
+from streamd.metrics import DENSITY_BUCKETS, DENSITY_EDGES, DENSITY_STEP
 from streamd.sae import build_sae
 from streamd.sae.quality import fvu, fvu_l0
-
-
-def default_lr(cfg: SAEConfig, d_in: int) -> float:
-    """Gao et al.'s width scaling for TopK-style SAEs; Anthropic's / DeepMind's constant for the penalised ones."""
-    if cfg.lr is not None:
-        return cfg.lr
-    if cfg.architecture in ("topk", "batchtopk"):
-        return 2e-4 / math.sqrt(cfg.width(d_in) / 16384)
-    return 5e-5
 
 
 def schedule(tokens: int, tcfg: TrainerConfig) -> tuple[float, float]:
@@ -88,7 +78,7 @@ class Learner:
         self.cfg, self.tcfg = cfg, trainer_cfg
         self.device = torch.device(device)
         self.sae = build_sae(cfg, d_in).to(self.device)
-        self.base_lr = default_lr(cfg, d_in)
+        self.base_lr = cfg.learning_rate(d_in)  # lr, else the architecture's default_lr
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999))
         self.autocast = trainer_cfg.autocast_bf16 and self.device.type == "cuda"
         self.tokens_seen = 0
