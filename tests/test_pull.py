@@ -79,6 +79,7 @@ def test_a_damaged_local_copy_is_fetched_again(server: StatusServer, store: Chec
         (got / "manifest.json").write_text((got / "manifest.json").read_text().replace('"tiny"', '"other"'))
     assert pull(server.url, out) == got
     assert CheckpointStore.verify(got)["id"] == "000000000064"
+    assert (got / "manifest.json").read_bytes() == (store.latest() / "manifest.json").read_bytes()
     assert [p.name for p in out.iterdir()] == ["000000000064"]
 
 
@@ -431,7 +432,7 @@ def test_unsafe_names_in_a_description_are_refused(store: CheckpointStore, tmp_p
 def quick_backoff(monkeypatch) -> None:
     import streamd.client.pull as pull_module
 
-    monkeypatch.setattr(pull_module, "BUSY_BACKOFF_S", 0.05)
+    monkeypatch.setattr(pull_module, "BUSY_BACKOFF_S", 0.05, raising=False)
 
 
 def test_a_busy_server_is_retried_with_backoff(store: CheckpointStore, tmp_path: Path, quick_backoff) -> None:
