@@ -357,6 +357,11 @@ class StatusServer:
         self._httpd = self._thread = None
 
     @property
+    def rejected(self) -> int:
+        """Connections turned away (503, or closed over TLS) because ``max_connections`` were held."""
+        return self._httpd.rejected if self._httpd else 0
+
+    @property
     def port(self) -> int:
         return self._httpd.server_address[1] if self._httpd else self._port
 
