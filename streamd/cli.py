@@ -141,7 +141,7 @@ UP_DEFAULTS: dict[str, Any] = {
 def cmd_pull(args) -> int:
     from streamd.client.pull import pull
 
-    path = pull(args.url, args.out, sae=args.sae, token=args.token, cafile=args.cafile)
+    path = pull(args.url, args.out, sae=args.sae, token=args.token, token_file=args.token_file, cafile=args.cafile)
     print(path)
     return 0
 
@@ -165,7 +165,8 @@ def cmd_eval(args) -> int:
     from streamd.client.evaluate import eval_checkpoint
 
     cfg = _config(args)
-    for name, r in eval_checkpoint(cfg, args.checkpoint, n_docs=args.docs).items():
+    results = eval_checkpoint(cfg, args.checkpoint, n_docs=args.docs, token_file=args.token_file, cafile=args.cafile)
+    for name, r in results.items():
         print(name, " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in r.items()), flush=True)
     return 0
 
@@ -178,6 +179,16 @@ def cmd_replay(args) -> int:
                producer_id=args.producer_id, max_message_bytes=cfg.producer.max_message_bytes)
     print(f"published {n} tokens from {args.path}")
     return 0
+
+
+def _add_token_args(p: argparse.ArgumentParser, argv_token: bool = False) -> None:
+    """How a client names the /checkpoints token and the server's CA (see streamd.client.pull.resolve_token)."""
+    if argv_token:
+        p.add_argument("--token", help="bearer token of /checkpoints (visible to other users in ps: prefer "
+                                       "--token-file or $STREAMD_CHECKPOINT_TOKEN)")
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token of /checkpoints "
+                                                   "(default: $STREAMD_CHECKPOINT_TOKEN)")
+    p.add_argument("--cafile", type=Path, help="CA bundle for a TLS server")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sae", help="only this SAE")
-    p.add_argument("--token", help="bearer token of /checkpoints")
-    p.add_argument("--cafile", type=Path, help="CA bundle for a TLS server")
+    _add_token_args(p, argv_token=True)
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("status", help="live state of a trainer, from its /metrics")
@@ -233,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, PRODUCE_FLAGS)
     p.add_argument("checkpoint", help="checkpoint dir, run dir or URL")
     p.add_argument("--docs", type=int, default=64, help="held-out documents to evaluate on")
+    _add_token_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("replay", help="publish a cached activation file (.npy/.safetensors) in the wire format")

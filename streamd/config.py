@@ -299,11 +299,16 @@ class MetricsConfig(Strict):
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     checkpoint_token: SecretStr | None = Field(None, description="bearer token required on /checkpoints")
+    http_workers: int = Field(16, ge=1, le=1024, description="threads serving HTTP connections")
+    http_max_connections: int = Field(64, ge=1, le=65536, description="connections held at once; beyond: 503")
+    http_header_timeout_seconds: float = Field(10.0, gt=0, description="deadline for a request's line and headers")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> MetricsConfig:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("metrics.tls_certfile and metrics.tls_keyfile go together")
+        if self.http_max_connections < self.http_workers:
+            raise ValueError("metrics.http_max_connections must be at least metrics.http_workers")
         return self
 
 

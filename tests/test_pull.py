@@ -1,9 +1,17 @@
-"""pull() against a live StatusServer (full, per-SAE, token, TLS, corruption) and load_sae from every kind of source."""
+"""pull() against a live StatusServer (full, per-SAE, token, TLS, corruption, a damaged or stale cache), against
+hostile or busy servers (redirects, sizes, names, 503), and load_sae from every kind of source."""
 
 from __future__ import annotations
 
 import json
+import logging
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -46,7 +54,55 @@ def test_pull_everything_is_a_verifiable_replica(server: StatusServer, store: Ch
     assert sorted(p.relative_to(got) for p in got.rglob("*")) == sorted(p.relative_to(src) for p in src.rglob("*"))
     assert CheckpointStore.verify(got)["id"] == "000000000064"
     assert [p.name for p in out.iterdir()] == ["000000000064"]  # no temp dirs left
-    assert pull(server.url, out) == got  # already complete: nothing to do
+    assert pull(server.url, out) == got  # already complete and verified: nothing to fetch
+    CheckpointStore.verify(got)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove", "extra", "manifest"])
+def test_a_damaged_local_copy_is_fetched_again(server: StatusServer, store: CheckpointStore, tmp_path: Path,
+                                               damage: str) -> None:
+    """What is already in out/<id> is re-hashed, not trusted: a damaged part is fetched again."""
+    out = tmp_path / "out"
+    got = pull(server.url, out)
+    weights = got / "b" / "sae_weights.safetensors"
+    if damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-7])
+    elif damage == "remove":
+        weights.unlink()
+    elif damage == "extra":
+        (got / "b" / "planted.bin").write_bytes(b"not in the manifest")
+    else:  # a manifest that is not the server's: the whole directory is another checkpoint
+        (got / "manifest.json").write_text((got / "manifest.json").read_text().replace('"tiny"', '"other"'))
+    assert pull(server.url, out) == got
+    assert CheckpointStore.verify(got)["id"] == "000000000064"
+    assert (got / "manifest.json").read_bytes() == (store.latest() / "manifest.json").read_bytes()
+    assert [p.name for p in out.iterdir()] == ["000000000064"]
+
+
+def test_a_new_run_on_the_same_port_is_not_served_from_the_cache(tmp_path: Path) -> None:
+    """Issue 13.5: two runs behind the same host:port, each with a checkpoint of the same id but other weights:
+    load_sae(url) must return the second run's SAE, not the cached first."""
+    cache = tmp_path / "cache"
+    first, second = CheckpointStore(tmp_path / "run1"), CheckpointStore(tmp_path / "run2")
+    write(first, 64, [make_sae("a", 1), make_sae("b", 2)])
+    write(second, 64, [make_sae("a", 3), make_sae("b", 4)])
+    with StatusServer("127.0.0.1", 0, CollectorRegistry(), store=first) as s:
+        port = s.port
+        one = load_sae(s.url, sae="a", cache_dir=cache)
+        assert pull(s.url, cache / f"127.0.0.1_{port}", sae="b").name == "000000000064"
+    with StatusServer("127.0.0.1", port, CollectorRegistry(), store=second) as s:
+        two = load_sae(s.url, sae="a", cache_dir=cache)
+    want = load_sae(second.latest(), sae="a")
+    assert not torch.equal(one.W_enc, two.W_enc)
+    assert torch.equal(two.W_enc, want.W_enc) and torch.equal(two.b_dec, want.b_dec)
+    # the first run's other SAE went with its checkpoint: what is cached is the second run's, verifiably
+    cached = cache / f"127.0.0.1_{port}" / "000000000064"
+    assert {p.name for p in cached.iterdir()} == {"a", "manifest.json"}
+    assert (cached / "manifest.json").read_bytes() == (second.latest() / "manifest.json").read_bytes()
 
 
 def test_pull_one_sae_then_another(server: StatusServer, tmp_path: Path) -> None:
@@ -184,3 +240,302 @@ def test_load_sae_from_the_latest_pointer_and_default_cache(zoo, tmp_path: Path,
     with StatusServer("127.0.0.1", 0, CollectorRegistry(), store=store) as s:
         assert_same_sae(load_sae(s.url, sae="topk"), saes["topk"])
         assert (tmp_path / "cache" / "pulls" / f"127.0.0.1_{s.port}" / "000000001000" / "topk").is_dir()
+
+
+# ---- the client against hostile or busy servers: redirects, sizes, names, 503, where the token comes from -------
+
+
+class Front:
+    """A small http.server on 127.0.0.1 (TLS with ``tls=(cert, key)``) whose ``route(handler)`` answers each GET;
+    ``seen`` records (path, Authorization header) of every request it got."""
+
+    def __init__(self, route, tls: tuple[Path, Path] | None = None) -> None:
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                front.seen.append((self.path, self.headers.get("Authorization")))
+                route(self)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.seen: list[tuple[str, str | None]] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> Front:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def answer(h: BaseHTTPRequestHandler, code: int, body: bytes = b"", headers: dict | None = None) -> None:
+    h.send_response(code)
+    for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
+        h.send_header(k, v)
+    h.end_headers()
+    h.wfile.write(body)
+
+
+def redirect_to(base: str):
+    return lambda h: answer(h, 302, headers={"Location": base + h.path})
+
+
+def proxy_to(base: str):
+    """Forward the GET (with the Authorization it came with) to ``base`` and relay the answer."""
+
+    def route(h: BaseHTTPRequestHandler) -> None:
+        auth = h.headers.get("Authorization")
+        req = urllib.request.Request(base + h.path, headers={"Authorization": auth} if auth else {})
+        try:
+            resp = urllib.request.urlopen(req, timeout=10)
+        except urllib.error.HTTPError as e:
+            resp = e
+        with resp:
+            body = resp.read()
+            keep = {k: resp.headers[k] for k in ("X-Checkpoint-SHA256", "WWW-Authenticate") if resp.headers[k]}
+            answer(h, resp.status if hasattr(resp, "status") else resp.code, body, keep)
+
+    return route
+
+
+@pytest.fixture
+def guarded(store: CheckpointStore) -> Iterator[StatusServer]:
+    with StatusServer("127.0.0.1", 0, CollectorRegistry(), store=store, token="tok") as s:
+        yield s
+
+
+def test_the_token_does_not_follow_a_redirect_to_another_origin(guarded: StatusServer, tmp_path: Path) -> None:
+    """Another port is another origin: the redirect is followed without the token, so the guarded server says 401."""
+    with Front(lambda h: answer(h, 404)) as sink, Front(redirect_to(sink.url)) as to_sink:
+        with pytest.raises(PullError, match="HTTP 404"):
+            pull(to_sink.url, tmp_path / "out", token="tok")
+        assert to_sink.seen == [("/checkpoints/latest", "Bearer tok")]
+        assert [auth for _, auth in sink.seen] == [None]
+    with Front(redirect_to(guarded.url)) as to_trainer:
+        with pytest.raises(PullError, match="HTTP 401"):
+            pull(to_trainer.url, tmp_path / "out", token="tok")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_redirect_within_the_origin_keeps_the_token(guarded: StatusServer, tmp_path: Path) -> None:
+    """/v1/... redirects to /... on the same host and port (which proxies to the trainer): the token goes along."""
+    proxy = proxy_to(guarded.url)
+
+    def route(h: BaseHTTPRequestHandler) -> None:
+        if h.path.startswith("/v1/"):
+            answer(h, 301, headers={"Location": h.path.removeprefix("/v1")})
+        else:
+            proxy(h)
+
+    with Front(route) as front:
+        got = pull(front.url + "/v1", tmp_path / "out", token="tok")
+    CheckpointStore.verify(got)
+    assert all(auth == "Bearer tok" for _, auth in front.seen) and len(front.seen) > 10
+
+
+def test_a_redirect_from_https_to_http_is_refused(guarded: StatusServer, tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    with Front(proxy_to(guarded.url)) as plain, Front(redirect_to(plain.url), tls=(cert, key)) as secure:
+        with pytest.raises(PullError, match="https"):
+            pull(secure.url, tmp_path / "out", token="tok", cafile=cert)
+        assert plain.seen == []  # nothing went out in the clear, token or not
+
+
+def fake_trainer(desc: dict, bodies: dict[str, bytes], headers: dict[str, dict] | None = None):
+    """A route serving ``desc`` at /checkpoints/latest and ``bodies[rel]`` at /checkpoints/<id>/<rel>."""
+
+    def route(h: BaseHTTPRequestHandler) -> None:
+        if h.path == "/checkpoints/latest":
+            return answer(h, 200, json.dumps(desc).encode())
+        rel = h.path.removeprefix(f"/checkpoints/{desc['id']}/")
+        if rel in bodies:
+            return answer(h, 200, bodies[rel], (headers or {}).get(rel))
+        answer(h, 404)
+
+    return route
+
+
+def real_description(store: CheckpointStore) -> tuple[dict, dict[str, bytes]]:
+    from streamd.run.server import describe_checkpoint
+
+    ckpt = store.latest()
+    desc = describe_checkpoint(ckpt)
+    return desc, {rel: (ckpt / rel).read_bytes() for rel in desc["files"]}
+
+
+def test_sizes_are_enforced(store: CheckpointStore, tmp_path: Path) -> None:
+    desc, bodies = real_description(store)
+    rel = "a/sae_weights.safetensors"
+    size = desc["files"][rel]["size"]
+    # a body far larger than listed (no Content-Length: a stream that would not stop): cut at the listed size
+    huge = bytes(4 << 20)
+
+    def endless(h: BaseHTTPRequestHandler) -> None:
+        if h.path.endswith(rel):
+            h.send_response(200)
+            h.send_header("Connection", "close")
+            h.end_headers()
+            h.close_connection = True
+            try:
+                h.wfile.write(huge)
+            except OSError:
+                pass
+        else:
+            fake_trainer(desc, bodies)(h)
+
+    with Front(endless) as f:
+        with pytest.raises(PullError, match=f"more bytes than the listed size {size}"):
+            pull(f.url, tmp_path / "out", sae="a")
+    with Front(fake_trainer(desc, {**bodies, rel: bodies[rel] + b"x"})) as f:  # Content-Length says more
+        with pytest.raises(PullError, match="not the listed size"):
+            pull(f.url, tmp_path / "out", sae="a")
+    with Front(fake_trainer(desc, {**bodies, rel: bodies[rel][:-1]})) as f:
+        with pytest.raises(PullError, match="not the listed size"):
+            pull(f.url, tmp_path / "out", sae="a")
+    big = {**desc, "padding": "x" * (17 << 20)}
+    with Front(fake_trainer(big, bodies)) as f:
+        with pytest.raises(PullError, match="more than"):
+            pull(f.url, tmp_path / "out", sae="a")
+    unsized = json.loads(json.dumps(desc))
+    del unsized["files"][rel]["size"]
+    with Front(fake_trainer(unsized, bodies)) as f:
+        with pytest.raises(PullError, match="without a valid sha256 and size"):
+            pull(f.url, tmp_path / "out", sae="a")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/../../evil", "../../../tmp/evil", "/etc/evil", ".hidden", "a/b/c",
+                                  "a/", "a\\..\\evil", "..", "a/.."])
+def test_unsafe_names_in_a_description_are_refused(store: CheckpointStore, tmp_path: Path, name: str) -> None:
+    desc, bodies = real_description(store)
+    desc["files"][name] = {"sha256": "0" * 64, "size": 4}
+    bodies[name] = b"evil"
+    out = tmp_path / "deep" / "er" / "out"
+    with Front(fake_trainer(desc, bodies)) as f:
+        with pytest.raises(PullError, match="unsafe file name"):
+            pull(f.url, out)
+    assert not (tmp_path / "deep").exists() or [p for p in (tmp_path / "deep").rglob("*") if p.is_file()] == []
+    assert not any(p.read_bytes() == b"evil" for p in tmp_path.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch) -> None:
+    import streamd.client.pull as pull_module
+
+    monkeypatch.setattr(pull_module, "BUSY_BACKOFF_S", 0.05, raising=False)
+
+
+def test_a_busy_server_is_retried_with_backoff(store: CheckpointStore, tmp_path: Path, quick_backoff) -> None:
+    """Three 503s (the connection cap's answer), then the trainer: the pull waits and succeeds."""
+    with StatusServer("127.0.0.1", 0, CollectorRegistry(), store=store) as s:
+        proxy, busy = proxy_to(s.url), iter(range(3))
+
+        def route(h: BaseHTTPRequestHandler) -> None:
+            if next(busy, None) is not None:
+                return answer(h, 503, b"busy\n", {"Retry-After": "0"})
+            proxy(h)
+
+        with Front(route) as f:
+            t0 = time.monotonic()
+            got = pull(f.url, tmp_path / "out", sae="a")
+        assert 0.15 < time.monotonic() - t0 < 20  # it waited (0.05 s doubling, jittered)
+        assert [p for p, _ in f.seen[:4]] == ["/checkpoints/latest"] * 4
+        assert (got / "a" / "sae_weights.safetensors").is_file()
+        with Front(lambda h: answer(h, 503, b"busy\n", {"Retry-After": "0"})) as always:
+            with pytest.raises(PullError, match="HTTP 503"):
+                pull(always.url, tmp_path / "out", retries=2)
+            assert len(always.seen) == 3
+
+
+def test_a_full_server_sheds_load_and_pulls_still_complete(store: CheckpointStore, tmp_path: Path,
+                                                           quick_backoff) -> None:
+    """The real connection cap: one worker, two slots, 12 concurrent pulls; each one retries its 503s and
+    verifies."""
+    with StatusServer("127.0.0.1", 0, CollectorRegistry(), store=store, workers=1, max_connections=2) as s:
+        results: list[object] = []
+
+        def one(i: int) -> None:
+            try:
+                results.append(pull(s.url, tmp_path / f"out{i}", sae="b", retries=30))
+            except Exception as e:  # noqa: BLE001
+                results.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert s._httpd.rejected > 0  # the cap was reached ...
+    assert len(results) == 12 and all(isinstance(r, Path) for r in results), results  # ... and nobody failed
+    for r in results:
+        assert sorted(p.relative_to(r).as_posix() for p in r.rglob("*") if p.is_file())[-1] == "manifest.json"
+
+
+def test_the_token_from_a_file_or_the_environment(guarded: StatusServer, tmp_path: Path, monkeypatch,
+                                                  caplog) -> None:
+    from streamd.cli import main
+    from streamd.client.pull import TOKEN_ENV
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(PullError, match="HTTP 401"):
+        pull(guarded.url, tmp_path / "out", sae="a")
+    tok = tmp_path / "token"
+    tok.write_text("tok\n")
+    tok.chmod(0o600)
+    assert pull(guarded.url, tmp_path / "f", sae="a", token_file=tok).name == "000000000064"
+    assert main(["pull", guarded.url, "--out", str(tmp_path / "cli"), "--sae", "b", "--token-file", str(tok)]) == 0
+    assert (tmp_path / "cli" / "000000000064" / "b").is_dir()
+    monkeypatch.setenv(TOKEN_ENV, "tok")
+    assert main(["pull", guarded.url, "--out", str(tmp_path / "env"), "--sae", "a"]) == 0
+    sae = load_sae(guarded.url, sae="b", cache_dir=tmp_path / "cache")
+    assert sae.d_sae > 0
+    assert main(["pull", guarded.url, "--out", str(tmp_path / "x"), "--token", "wrong"]) == 1  # argv wins over env
+    monkeypatch.delenv(TOKEN_ENV)
+    assert load_sae(guarded.url, sae="a", cache_dir=tmp_path / "c2", token_file=tok).d_sae > 0
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(PullError, match="empty"):
+        pull(guarded.url, tmp_path / "out", token_file=tmp_path / "empty")
+    with pytest.raises(PullError, match="cannot read the token file"):
+        pull(guarded.url, tmp_path / "out", token_file=tmp_path / "missing")
+    assert "tok\n" not in caplog.text and "Bearer tok" not in caplog.text
+
+
+def test_eval_takes_the_token_from_file_env_then_config(tmp_path: Path, monkeypatch) -> None:
+    """eval_checkpoint's token for a URL: --token-file, else $STREAMD_CHECKPOINT_TOKEN, else metrics.checkpoint_token
+    (the model is never loaded: fetch is stopped once it has the token)."""
+    from streamd.client import evaluate, locate
+    from streamd.client.pull import TOKEN_ENV
+    from streamd.config import MetricsConfig, StreamdConfig
+
+    got = []
+
+    def fake_fetch(src, sae=None, *, token=None, **kw):
+        got.append(token)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(locate, "fetch", fake_fetch)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    cfg = StreamdConfig(metrics=MetricsConfig(checkpoint_token="from-config"))
+    (tmp_path / "t").write_text("from-file\n")
+    for env in (None, "from-env"):
+        if env:
+            monkeypatch.setenv(TOKEN_ENV, env)
+        for kw in ({}, {"token_file": tmp_path / "t"}):
+            with pytest.raises(RuntimeError, match="stop here"):
+                evaluate.eval_checkpoint(cfg, "http://127.0.0.1:1", **kw)
+    assert got == ["from-config", "from-file", "from-env", "from-file"]
+    from streamd.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "http://h:1", "--token-file", "/x", "--cafile", "/ca"])
+    assert (str(args.token_file), str(args.cafile)) == ("/x", "/ca")

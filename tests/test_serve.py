@@ -1,13 +1,18 @@
-"""StatusServer over real sockets: every endpoint, 404s, path-traversal attempts, bearer token, TLS, readiness."""
+"""StatusServer over real sockets: every endpoint, 404s, path-traversal attempts, bearer token, TLS, readiness,
+and bounded resources (header deadline, worker pool, connection cap, no token in logs)."""
 
 from __future__ import annotations
 
 import hashlib
 import http.client
 import json
+import logging
 import shutil
+import socket
 import ssl
 import subprocess
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,3 +238,104 @@ def test_stop_releases_the_port(registry: CollectorRegistry) -> None:
     s.stop()
     with StatusServer("127.0.0.1", port, registry) as again:
         assert get(again, "/healthz")[0] == 200
+
+
+# ---- bounded resources: a deadline on the request head, a worker pool, a connection cap --------------------------
+
+
+def _connect(server: StatusServer) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def test_a_client_dripping_bytes_is_cut_off_at_the_header_deadline(registry: CollectorRegistry) -> None:
+    """A byte every 0.2 s never trips a per-read timeout; the deadline on the whole head closes it after ~1 s."""
+    with StatusServer("127.0.0.1", 0, registry, header_timeout=1.0, io_timeout=5.0) as s:
+        sock = _connect(s)
+        t0 = time.monotonic()
+        closed_after = None
+        try:
+            for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                sock.sendall(bytes([b]))
+                time.sleep(0.2)
+                if time.monotonic() - t0 > 6:
+                    break
+        except OSError:  # reset or broken pipe: the server closed it
+            closed_after = time.monotonic() - t0
+        if closed_after is None:
+            sock.settimeout(3)
+            assert sock.recv(100) == b""  # closed without an answer
+            closed_after = time.monotonic() - t0
+        sock.close()
+        assert 0.9 < closed_after < 4, closed_after
+        assert get(s, "/healthz")[0] == 200  # and it serves the next client
+
+
+def test_connections_share_a_fixed_pool_and_the_cap_answers_503(registry: CollectorRegistry) -> None:
+    """50 idle connections cost no thread each; past max_connections the answer is an immediate 503 (Retry-After)
+    from the accept loop; when the held ones go, requests are served again."""
+    before = threading.active_count()
+    with StatusServer("127.0.0.1", 0, registry, workers=2, max_connections=4, header_timeout=30) as s:
+        started = threading.active_count()
+        assert started - before <= 3  # the accept loop and two workers
+        held = [_connect(s) for _ in range(4)]  # two on the workers, two queued, none sending
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        code, headers, body = get(s, "/healthz")
+        assert (code, headers.get("Retry-After"), body) == (503, "1", b"busy\n")
+        assert time.monotonic() - t0 < 2
+        more = [_connect(s) for _ in range(50)]
+        time.sleep(0.3)
+        assert threading.active_count() == started
+        for c in held + more:
+            c.close()
+        deadline = time.monotonic() + 10
+        while (code := get(s, "/healthz")[0]) == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert code == 200
+    with pytest.raises(ValueError, match="max_connections"):
+        StatusServer("127.0.0.1", 0, registry, workers=4, max_connections=2)
+
+
+def test_limits_come_from_the_config(run, registry: CollectorRegistry) -> None:
+    cfg = MetricsConfig(host="127.0.0.1", port=0, http_workers=3, http_max_connections=5,
+                        http_header_timeout_seconds=2.5)
+    s = StatusServer.from_config(cfg, registry, run[0], lambda: (True, "ready"))
+    assert (s.limits["workers"], s.limits["max_connections"], s.limits["header_timeout"]) == (3, 5, 2.5)
+    with pytest.raises(ValueError, match="http_max_connections"):
+        MetricsConfig(http_workers=8, http_max_connections=4)
+
+
+def test_tls_handshake_is_bounded_too(run, registry: CollectorRegistry, tmp_path: Path) -> None:
+    """A client that connects to the TLS port and never says hello is dropped at the header deadline."""
+    cert, key = self_signed(tmp_path)
+    with StatusServer("127.0.0.1", 0, registry, tls=(cert, key), header_timeout=1.0) as s:
+        sock = _connect(s)
+        t0 = time.monotonic()
+        sock.settimeout(5)
+        try:
+            assert sock.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - t0 < 3
+        sock.close()
+        trusting = ssl.create_default_context(cafile=str(cert))
+        assert get(s, "/healthz", ctx=trusting)[0] == 200
+
+
+def test_the_token_never_reaches_the_logs(run, registry: CollectorRegistry, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    with StatusServer("127.0.0.1", 0, registry, store=run[0], token=TOKEN, header_timeout=1.0) as s:
+        assert get(s, "/checkpoints/latest", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        assert get(s, "/checkpoints/latest", {"Authorization": f"Bearer {TOKEN}x"})[0] == 401
+        assert get(s, "/checkpoints/000000000200/../x", {"Authorization": f"Bearer {TOKEN}"})[0] == 404
+        sock = _connect(s)  # a malformed request carrying the token, then one cut off mid-header
+        sock.sendall(f"BROKEN\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        sock.recv(1000)
+        sock.close()
+        sock = _connect(s)
+        sock.sendall(f"GET /checkpoints HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n".encode())
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
+        sock.close()
+    assert "GET /checkpoints/latest" in caplog.text  # requests are logged ...
+    assert TOKEN not in caplog.text  # ... their credentials are not

@@ -26,6 +26,7 @@ from streamd.produce.packing import pack_documents
 from streamd.torch_utils import configure_threads
 from streamd.client import locate
 from streamd.client.load import load_sae
+from streamd.client.pull import resolve_token
 from streamd.sae.quality import fvu_l0
 from streamd.produce.text import iter_source
 
@@ -139,18 +140,23 @@ def _site_activations(loaded: LoadedModel, site: SiteSpec, texts: list[str], con
 
 
 def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
-                    skip_docs: int = EVAL_SKIP_DOCS) -> dict[str, dict[str, float]]:
+                    skip_docs: int = EVAL_SKIP_DOCS, *, token: str | None = None,
+                    token_file: str | Path | None = None, cafile: str | Path | None = None,
+                    ) -> dict[str, dict[str, float]]:
     """Per SAE of a checkpoint: ce_clean, ce_sae, ce_zero, kl_sae, ce_loss_score, n_tokens, and fvu / l0 on the
     same held-out activations.
 
     ``checkpoint`` is an SAE, checkpoint or run directory, a ``checkpoints/latest`` file, or a trainer's URL (the
-    whole latest checkpoint is pulled into the ``load_sae`` cache, with ``metrics.checkpoint_token``); see
+    whole latest checkpoint is pulled into the ``load_sae`` cache with the token ``token``, else ``token_file``'s,
+    else ``$STREAMD_CHECKPOINT_TOKEN``, else ``metrics.checkpoint_token``); see
     :mod:`streamd.client.locate`. The model comes from ``cfg.producer``
     (model_path, dtype, device, context_length, batch_size); the site from each SAE's ``hook_name``; the text from
     :func:`held_out_texts`.
     """
-    token = cfg.metrics.checkpoint_token
-    found = locate.resolve(locate.fetch(checkpoint, token=token.get_secret_value() if token else None))
+    if locate.is_url(checkpoint):
+        own = cfg.metrics.checkpoint_token
+        token = resolve_token(token, token_file) or (own.get_secret_value() if own else None)
+    found = locate.resolve(locate.fetch(checkpoint, token=token, cafile=cafile))
     sae_dirs, manifest = found.saes, found.manifest
     p = cfg.producer
     configure_threads(p.torch_threads)

@@ -40,18 +40,23 @@ def fetch(
     sae: str | None = None,
     *,
     token: str | None = None,
+    token_file: str | Path | None = None,
     cafile: str | Path | None = None,
     cache_dir: Path | None = None,
 ) -> Path:
     """A local path as is; a trainer's URL pulled (its latest checkpoint, or only ``sae`` of it) into
-    ``cache_dir/<host>_<port>`` (default :func:`pulls_dir`), returning the checkpoint directory."""
+    ``cache_dir/<host>_<port>`` (default :func:`pulls_dir`), returning the checkpoint directory.
+
+    What the cache already holds is reused only when it verifies against the server's description (see
+    :func:`streamd.client.pull.pull`): another run on the same host and port replaces it. The token is ``token``,
+    else ``token_file``, else ``$STREAMD_CHECKPOINT_TOKEN``."""
     src = str(path_or_url)
     if not is_url(src):
         return Path(src)
     from streamd.client.pull import pull
 
     out = cache_dir / urlsplit(src).netloc.replace(":", "_") if cache_dir is not None else pulls_dir(src)
-    return pull(src, out, sae=sae, token=token, cafile=cafile)
+    return pull(src, out, sae=sae, token=token, cafile=cafile, token_file=token_file)
 
 
 def _pointed(pointer: Path) -> Path:

@@ -3,21 +3,30 @@
 Checkpoint paths are never joined from raw request text: each component must match a strict pattern, the file must
 be listed in the checkpoint's manifest, and the resolved path must lie inside the checkpoints directory (no ``..``,
 no percent-encoding, no absolute paths, no symlinks out). Only ``/checkpoints*`` needs the optional bearer token, so
-scrapers and probes stay unauthenticated.
+scrapers and probes stay unauthenticated; the token is compared in constant time and never logged.
+
+Resources are bounded: a fixed pool of ``workers`` threads serves connections from a queue; at most
+``max_connections`` are held (served or queued) and the next one gets an immediate 503 with ``Retry-After`` (over TLS,
+where no plain answer can be sent before the handshake, it is closed) without costing a worker. Each request's TLS
+handshake, request line and headers must arrive within ``header_timeout`` seconds in total (a client dripping a
+byte at a time is cut off there), and every later read or 1 MiB write must finish within ``io_timeout``.
 """
 
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
+import queue
 import re
 import shutil
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,9 +55,82 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     return {"id": m["id"], "tokens": m["tokens"], "created_at": m["created_at"], "saes": m["saes"], "files": files}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+WORKERS = 16
+MAX_CONNECTIONS = 64
+HEADER_TIMEOUT_S = 10.0
+IO_TIMEOUT_S = 30.0
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\n\r\nbusy\n")
+
+
+class _Server(HTTPServer):
+    """An HTTPServer with a fixed worker pool and a cap on held connections (see the module docstring)."""
+
     status: StatusServer  # set by StatusServer.start
+    request_queue_size = 128  # the listen backlog: a burst of connects is accepted (and answered 503), not dropped
+
+    def __init__(self, addr: tuple[str, int], handler: type, *, workers: int, max_connections: int,
+                 header_timeout: float, io_timeout: float) -> None:
+        if workers < 1 or max_connections < workers:
+            raise ValueError(f"need 1 <= workers ({workers}) <= max_connections ({max_connections})")
+        self.header_timeout, self.io_timeout = header_timeout, io_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.rejected = 0  # connections answered 503 (or closed, over TLS) because all slots were held
+        super().__init__(addr, handler)
+        self._workers = [threading.Thread(target=self._work, name=f"streamd-http-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._workers:
+            t.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:  # the accept thread: never blocks
+        if not self._slots.acquire(blocking=False):
+            self.rejected += 1
+            self._reject(request)
+            return
+        self._queue.put((request, client_address))
+
+    def _reject(self, request: socket.socket) -> None:
+        try:
+            if not isinstance(request, ssl.SSLSocket):
+                request.setblocking(False)
+                try:
+                    while request.recv(65536):  # what the client already sent, so close() sends FIN, not RST
+                        pass
+                except OSError:
+                    pass
+                request.send(_BUSY)  # a few bytes into an empty send buffer: does not block
+                request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            request.close()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                self._slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        for _ in self._workers:
+            self._queue.put(None)
+        until = time.monotonic() + 2  # workers still streaming to a slow client are daemons: do not wait long
+        for t in self._workers:
+            t.join(timeout=max(0.0, until - time.monotonic()))
+        while True:  # connections still queued behind the sentinels
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self.shutdown_request(item[0])
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that drops mid-download or fails the TLS handshake is routine; no stderr traceback.
@@ -59,18 +141,57 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The request's socket, read with a timeout that never reaches past the handler's header deadline."""
+
+    def __init__(self, handler: _Handler) -> None:
+        self._h = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        h = self._h
+        if h.deadline is not None:
+            left = h.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request line and headers not received within the deadline")
+            h.connection.settimeout(min(left, h.server.io_timeout))
+        return h.connection.recv_into(b)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "streamd"
     protocol_version = "HTTP/1.1"
-    timeout = 30  # per-socket: a stalled client (or TLS handshake) cannot hold a thread forever
+    deadline: float | None = None  # monotonic time by which the request line and headers must be in
 
     def setup(self) -> None:
+        self.timeout = self.server.io_timeout
         super().setup()
+        self.rfile.close()  # the stdlib's makefile(); reads go through the deadline instead
+        self.rfile = io.BufferedReader(_DeadlineReader(self))
         if isinstance(self.connection, ssl.SSLSocket):
-            self.connection.do_handshake()  # here, on the request thread, not in the accept loop
+            # here, on a worker, not in the accept loop; the socket timeout bounds the whole handshake
+            self.connection.settimeout(self.server.header_timeout)
+            self.connection.do_handshake()
+            self.connection.settimeout(self.server.io_timeout)
+
+    def handle_one_request(self) -> None:
+        self.deadline = time.monotonic() + self.server.header_timeout
+        try:
+            super().handle_one_request()
+        finally:
+            self.deadline = None
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()  # reads the headers (through the deadline)
+        self.deadline = None
+        self.connection.settimeout(self.server.io_timeout)
+        return ok
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        # Only the request line and status reach here (never a header, so never the token).
         log.debug("%s " + format, self.address_string(), *args)
 
     def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", headers: dict | None = None):
@@ -162,7 +283,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class StatusServer:
-    """Serves /metrics, /healthz, /readyz and /checkpoints* from a daemon thread; ``port=0`` picks a free port."""
+    """Serves /metrics, /healthz, /readyz and /checkpoints* from a daemon thread; ``port=0`` picks a free port.
+
+    ``workers`` threads serve at most ``max_connections`` held connections (beyond: 503); ``header_timeout`` bounds
+    the handshake, request line and headers of each request, ``io_timeout`` each later read or 1 MiB write.
+    """
 
     def __init__(
         self,
@@ -173,9 +298,18 @@ class StatusServer:
         ready: ReadyFn = lambda: (True, "ready"),
         token: str | None = None,
         tls: tuple[Path, Path] | None = None,
+        *,
+        workers: int = WORKERS,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout: float = HEADER_TIMEOUT_S,
+        io_timeout: float = IO_TIMEOUT_S,
     ) -> None:
         if token is not None and not token:
             raise ValueError("an empty bearer token would protect nothing; pass None to disable")
+        if workers < 1 or max_connections < workers:
+            raise ValueError(f"need 1 <= workers ({workers}) <= max_connections ({max_connections})")
+        self.limits = {"workers": workers, "max_connections": max_connections, "header_timeout": header_timeout,
+                       "io_timeout": io_timeout}
         self.host, self._port = host, port
         self.registry, self.store, self.ready, self.token, self.tls = registry, store, ready, token, tls
         self._httpd: _Server | None = None
@@ -188,11 +322,12 @@ class StatusServer:
         """A server for ``metrics.*`` (host, port, checkpoint token, TLS pair): what the trainer serves."""
         token = cfg.checkpoint_token.get_secret_value() if cfg.checkpoint_token else None
         tls = (cfg.tls_certfile, cfg.tls_keyfile) if cfg.tls_certfile and cfg.tls_keyfile else None
-        return cls(cfg.host, cfg.port, registry, store, ready, token, tls)
+        return cls(cfg.host, cfg.port, registry, store, ready, token, tls, workers=cfg.http_workers,
+                   max_connections=cfg.http_max_connections, header_timeout=cfg.http_header_timeout_seconds)
 
     def start(self) -> StatusServer:
         server_cls = _Server6 if ":" in self.host else _Server
-        httpd = server_cls((self.host, self._port), _Handler)
+        httpd = server_cls((self.host, self._port), _Handler, **self.limits)
         if self.tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -220,6 +355,11 @@ class StatusServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._httpd = self._thread = None
+
+    @property
+    def rejected(self) -> int:
+        """Connections turned away (503, or closed over TLS) because ``max_connections`` were held."""
+        return self._httpd.rejected if self._httpd else 0
 
     @property
     def port(self) -> int:
