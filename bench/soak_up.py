@@ -67,8 +67,11 @@ SOAK_SETS = {
     "producer.dtype": "bfloat16", "trainer.device": "cpu",
     "trainer.saes": "[{name: soak, architecture: topk, expansion_factor: 2, k: 16}]",
     "kafka.generation_seconds": "20", "checkpoints.every_seconds": "20", "checkpoints.every_tokens": "null",
+    # short generations need a short generation grace (delivery timeout + clock skew, loopback: no skew)
+    "kafka.delivery_timeout_ms": "10000", "kafka.request_timeout_ms": "5000", "kafka.clock_skew_seconds": "0",
 }
 QUICK_SETS = {"kafka.generation_seconds": "5", "checkpoints.every_seconds": "5",
+              "kafka.delivery_timeout_ms": "4000", "kafka.request_timeout_ms": "3000",
               "trainer.max_token_age_buffers": "1"}
 
 

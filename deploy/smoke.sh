@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
 # Smoke test of the Compose deployment on a host that cannot pull images (not part of CI; run by hand, as root).
 #
+#   sudo deploy/smoke.sh             # the whole run (image builds take minutes)
+#   deploy/smoke.sh --render         # only check the ports and write the Compose override and Prometheus config
+#                                    # into $SMOKE_WORK (no docker needed; what the tests check)
+#
 # What it does:
 #   1. builds a local base image from Debian (debootstrap + `docker import`) instead of pulling python:3.11-slim,
 #      and a Prometheus image on it (Debian's `prometheus` package) instead of pulling prom/prometheus;
-#   2. builds deploy/Dockerfile on that base (host networking for pip);
+#   2. builds deploy/Dockerfile on that base (host networking for pip), once: every streamd service runs that image;
 #   3. runs docker-compose.yml with an override that puts Tansu (`streamd broker`, in the streamd image) in place of
-#      Kafka, with host networking (everything on 127.0.0.1) and a small trainer, then starts kafka, kafka-init,
-#      producer, trainer and prometheus (with deploy/prometheus mounted as is; `trainer` resolves to 127.0.0.1;
-#      the producer job finds no replica, since its DNS discovery needs Compose's DNS). Grafana is not started;
-#   4. waits until `streamd status` reports trained tokens and Prometheus has scraped the trainer
-#      (`up{job="streamd-trainer"}` and `streamd_tokens_trained_total` > 0), prints both, and tears everything down
-#      (volumes too).
+#      Kafka, with host networking (everything on 127.0.0.1, on the ports below, which must be free) and a small
+#      trainer in its own consumer group (SMOKE_GROUP), then starts kafka, kafka-init, producer, trainer and
+#      prometheus (deploy/prometheus's config with its scrape targets rewritten to those ports). Grafana is not
+#      started;
+#   4. waits until this stack's trainer (the one reporting SMOKE_GROUP in `streamd_consumer_group`) has trained
+#      tokens and Prometheus has scraped it (`up{job="streamd-trainer"}`, `streamd_tokens_trained_total` > 0 and
+#      `streamd_consumer_group{group="$SMOKE_GROUP"}`), prints them, and tears everything down (volumes too).
+#      Another trainer on one of these ports cannot make it pass: the ports are checked free before anything
+#      starts (and again after the builds), and the group is this run's.
 #
-# Needs: a running Docker engine (e.g. `dockerd --bridge=none --iptables=false &`), docker-compose (1.29 or v2),
-# debootstrap, python3, and a docker client that can build with BuildKit (deploy/Dockerfile.dockerignore is a BuildKit
-# feature): one with the buildx plugin, or a client older than 23 (BuildKit built in, e.g. Debian's docker.io).
+# Needs: root, a running Docker engine (e.g. Debian's `docker.io`; `dockerd --bridge=none --iptables=false &`),
+# docker-compose (1.29 or v2), debootstrap, python3, and a docker client that can build with BuildKit
+# (deploy/Dockerfile.dockerignore is a BuildKit feature): one with the buildx plugin, or a client older than 23
+# (BuildKit built in, e.g. Debian's docker.io).
 # Settings (environment): SMOKE_WORK (scratch dir), SMOKE_SUITE / SMOKE_MIRROR (Debian), SMOKE_TORCH_INDEX (pip index
 # for torch; default the PyTorch CPU index), SMOKE_WHEELS (a directory holding the torch wheel, e.g. a CPU wheel for
 # the base's Python: served on 127.0.0.1 as the torch index, for hosts that cannot reach the PyTorch index; torch's
 # own dependencies then come from SMOKE_PIP_INDEX, default PyPI), SMOKE_PIP_INDEX (extra pip index for everything),
 # SMOKE_CA_CERTS (a PEM file of extra CA certificates the base image trusts, e.g. a TLS-intercepting proxy's),
-# SMOKE_DOCKER (the docker client to use), SMOKE_PROMETHEUS_PORT (default 9090), SMOKE_TIMEOUT (s).
+# SMOKE_DOCKER (the docker client to use), SMOKE_BROKER_PORT (default 19092), SMOKE_TRAINER_PORT (9400),
+# SMOKE_PRODUCER_PORT (9401), SMOKE_PROMETHEUS_PORT (9090), SMOKE_GROUP (the trainer's consumer group; default
+# streamd-smoke-<time>-<pid>), SMOKE_TIMEOUT (s).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${SMOKE_WORK:-/tmp/streamd-smoke}
@@ -31,9 +41,128 @@ TIMEOUT=${SMOKE_TIMEOUT:-900}
 BASE_IMAGE=streamd-smoke-base:$SUITE
 IMAGE=streamd:smoke
 PROM_IMAGE=streamd-smoke-prometheus:$SUITE
+
+BROKER_PORT=${SMOKE_BROKER_PORT:-19092}
+TRAINER_PORT=${SMOKE_TRAINER_PORT:-9400}
+PRODUCER_PORT=${SMOKE_PRODUCER_PORT:-9401}
 PROM_PORT=${SMOKE_PROMETHEUS_PORT:-9090}
+GROUP=${SMOKE_GROUP:-streamd-smoke-$(date +%s)-$$}
 PROJECT=streamd-smoke
 START=$SECONDS
+
+# Every port this stack listens on must be free: under host networking another trainer (or broker, Prometheus) on
+# one of them would answer the checks below in place of this stack's.
+check_ports() {
+  local name port busy=
+  for name in SMOKE_BROKER_PORT SMOKE_TRAINER_PORT SMOKE_PRODUCER_PORT SMOKE_PROMETHEUS_PORT; do
+    case $name in
+      SMOKE_BROKER_PORT) port=$BROKER_PORT ;;
+      SMOKE_TRAINER_PORT) port=$TRAINER_PORT ;;
+      SMOKE_PRODUCER_PORT) port=$PRODUCER_PORT ;;
+      SMOKE_PROMETHEUS_PORT) port=$PROM_PORT ;;
+    esac
+    if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1 || port > 65535)); then
+      echo "smoke: $name=$port is not a port" >&2; busy=1; continue
+    fi
+    if ! python3 -c 'import socket, sys
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)' "$port"; then
+      echo "smoke: port $port ($name) is in use on 127.0.0.1: stop what listens there or set $name" >&2; busy=1
+    fi
+  done
+  local shared
+  shared=$(printf '%s\n' "$BROKER_PORT" "$TRAINER_PORT" "$PRODUCER_PORT" "$PROM_PORT" | sort | uniq -d | xargs)
+  if [[ -n $shared ]]; then echo "smoke: the SMOKE_*_PORT settings share port(s) $shared" >&2; busy=1; fi
+  [[ -z $busy ]]
+}
+
+# The Compose override (Tansu for Kafka, host networking, this run's ports and group) and Prometheus' config (the
+# repository's, with its scrape targets on those ports), into $WORK.
+render() {
+  mkdir -p "$WORK/prometheus"
+  cp "$ROOT/deploy/prometheus/rules.yml" "$WORK/prometheus/"
+  python3 - "$ROOT/deploy/prometheus/prometheus.yml" "$WORK/prometheus/prometheus.yml" \
+    "$TRAINER_PORT" "$PRODUCER_PORT" "$PROM_PORT" <<'PY'
+import re, sys
+src, dst, trainer, producer, prom = sys.argv[1:]
+text = open(src).read()
+out = text.replace('"trainer:9400"', '"127.0.0.1:%s"' % trainer).replace('"localhost:9090"', '"127.0.0.1:%s"' % prom)
+# the producers' DNS discovery needs Compose's DNS: under host networking the one replica is on loopback
+out = re.sub(r"dns_sd_configs:\n(?:[ \t]+.*\n)*?[ \t]+refresh_interval: \S+\n",
+             'static_configs:\n      - targets: ["127.0.0.1:%s"]\n' % producer, out)
+for need in (trainer, producer, prom):
+    if '"127.0.0.1:%s"' % need not in out:
+        sys.exit("smoke: could not point %s at 127.0.0.1:%s (its scrape targets changed?)" % (src, need))
+open(dst, "w").write(out)
+PY
+  cat > "$WORK/smoke.override.yml" <<EOF
+version: "3.8"
+x-host: &host
+  image: $IMAGE
+  network_mode: host
+services:
+  kafka:
+    <<: *host
+    entrypoint: ["streamd"]
+    command: ["broker", "--port", "$BROKER_PORT"]
+    environment:  # the topic as the base file configures it (Compose interpolates these)
+      STREAMD_KAFKA__TOPIC: \${STREAMD_TOPIC:-streamd.activations}
+      STREAMD_KAFKA__PARTITIONS: \${STREAMD_PARTITIONS:-8}
+    healthcheck:
+      test: ["CMD", "python", "-c", "import socket; socket.create_connection(('127.0.0.1', $BROKER_PORT), 2)"]
+      start_period: 5s
+  kafka-init:
+    <<: *host
+    entrypoint: ["true"]
+    command: []
+  producer:
+    <<: *host
+    environment:
+      STREAMD_KAFKA__BOOTSTRAP_SERVERS: 127.0.0.1:$BROKER_PORT
+      STREAMD_METRICS__HOST: 127.0.0.1
+      STREAMD_PRODUCER__METRICS_PORT: $PRODUCER_PORT
+      STREAMD_PRODUCER__TORCH_THREADS: 2
+    healthcheck:
+      test: ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PRODUCER_PORT/healthz', timeout=5)"]
+  trainer:
+    <<: *host
+    environment:
+      STREAMD_KAFKA__BOOTSTRAP_SERVERS: 127.0.0.1:$BROKER_PORT
+      STREAMD_METRICS__HOST: 127.0.0.1
+      STREAMD_METRICS__PORT: $TRAINER_PORT
+      STREAMD_TRAINER__GROUP_ID: $GROUP
+      STREAMD_TRAINER__BUFFER_TOKENS: 8192
+      STREAMD_TRAINER__BATCH_SIZE: 1024
+      STREAMD_TRAINER__WARMUP_TOKENS: 0
+      STREAMD_TRAINER__EVAL_TOKENS: 0
+      STREAMD_TRAINER__NORM_ESTIMATE_TOKENS: 1024
+      STREAMD_TRAINER__TORCH_THREADS: 2
+    healthcheck:
+      test: ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$TRAINER_PORT/healthz', timeout=5)"]
+  prometheus:
+    image: $PROM_IMAGE
+    network_mode: host
+    command:
+      - --config.file=/etc/prometheus/prometheus.yml
+      - --storage.tsdb.path=/prometheus
+      - --web.listen-address=127.0.0.1:$PROM_PORT
+    volumes:
+      - $WORK/prometheus:/etc/prometheus:ro
+    healthcheck:
+      test: ["CMD", "python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PROM_PORT/-/healthy', timeout=5)"]
+EOF
+}
+
+mkdir -p "$WORK"
+check_ports || exit 1
+render
+if [[ ${1:-} == --render ]]; then
+  echo "smoke: ports free; wrote $WORK/smoke.override.yml and $WORK/prometheus/prometheus.yml (group $GROUP)"
+  exit 0
+fi
 
 # A docker client that builds with BuildKit: clients from 23 on need the buildx plugin for it, older ones have it built
 # in. Without BuildKit the build would ignore deploy/Dockerfile.dockerignore and send .venv and the rest as context.
@@ -48,7 +177,6 @@ if [[ -z $DOCKER ]]; then
 fi
 docker() { "$DOCKER" "$@"; }
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
-mkdir -p "$WORK"
 SERVER_PID=
 STACK_UP=
 cleanup() {
@@ -102,56 +230,8 @@ build_args=(--build-arg "PYTHON_IMAGE=$BASE_IMAGE" --build-arg "TORCH_INDEX=$TOR
 DOCKER_BUILDKIT=1 docker build --network host -f "$ROOT/deploy/Dockerfile" "${build_args[@]}" \
   ${SMOKE_PIP_INDEX:+--build-arg "PIP_EXTRA_INDEX_URL=$SMOKE_PIP_INDEX"} -t "$IMAGE" "$ROOT"
 
-# 3. Tansu instead of Kafka; everything on the host network (127.0.0.1), a trainer small enough for a laptop; Prometheus
-#    with the repository's config, `trainer` (its scrape target) mapped to 127.0.0.1.
-cat > "$WORK/smoke.override.yml" <<EOF
-version: "3.8"
-x-host: &host
-  image: $IMAGE
-  network_mode: host
-services:
-  kafka:
-    <<: *host
-    entrypoint: ["streamd"]
-    command: ["broker", "--port", "19092"]
-    environment:  # the topic as the base file configures it (Compose interpolates these)
-      STREAMD_KAFKA__TOPIC: \${STREAMD_TOPIC:-streamd.activations}
-      STREAMD_KAFKA__PARTITIONS: \${STREAMD_PARTITIONS:-8}
-    healthcheck:
-      test: ["CMD", "python", "-c", "import socket; socket.create_connection(('127.0.0.1', 19092), 2)"]
-      start_period: 5s
-  kafka-init:
-    <<: *host
-    entrypoint: ["true"]
-    command: []
-  producer:
-    <<: *host
-    environment:
-      STREAMD_KAFKA__BOOTSTRAP_SERVERS: 127.0.0.1:19092
-      STREAMD_METRICS__HOST: 127.0.0.1
-      STREAMD_PRODUCER__TORCH_THREADS: 2
-  trainer:
-    <<: *host
-    environment:
-      STREAMD_KAFKA__BOOTSTRAP_SERVERS: 127.0.0.1:19092
-      STREAMD_METRICS__HOST: 127.0.0.1
-      STREAMD_TRAINER__BUFFER_TOKENS: 8192
-      STREAMD_TRAINER__BATCH_SIZE: 1024
-      STREAMD_TRAINER__WARMUP_TOKENS: 0
-      STREAMD_TRAINER__EVAL_TOKENS: 0
-      STREAMD_TRAINER__NORM_ESTIMATE_TOKENS: 1024
-      STREAMD_TRAINER__TORCH_THREADS: 2
-  prometheus:
-    image: $PROM_IMAGE
-    network_mode: host
-    extra_hosts: ["trainer:127.0.0.1"]
-    command:
-      - --config.file=/etc/prometheus/prometheus.yml
-      - --storage.tsdb.path=/prometheus
-      - --web.listen-address=127.0.0.1:$PROM_PORT
-    healthcheck:
-      test: ["CMD", "python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PROM_PORT/-/healthy', timeout=5)"]
-EOF
+# 3. Tansu instead of Kafka (the override rendered above), the ports checked again: the builds took a while.
+check_ports || exit 1
 # An override cannot remove the base file's published ports, which Docker refuses with host networking: merge the two
 # files (`config`) and drop `ports` from the host-network services.
 "${COMPOSE[@]}" -p "$PROJECT" -f "$ROOT/docker-compose.yml" -f "$WORK/smoke.override.yml" config >"$WORK/smoke.merged.yml"
@@ -166,14 +246,22 @@ compose() { "${COMPOSE[@]}" -p "$PROJECT" --project-directory "$ROOT" -f "$WORK/
 STACK_UP=1
 compose up -d --no-build kafka kafka-init producer trainer prometheus
 
-# 4. Wait for trained tokens, then for Prometheus to have scraped them.
+# 4. Wait for trained tokens on this stack's trainer (its group), then for Prometheus to have scraped them.
 deadline=$((SECONDS + TIMEOUT))
-until out=$(docker run --rm --network host "$IMAGE" status http://127.0.0.1:9400 2>/dev/null) \
-      && grep -Eq 'tokens trained +[1-9]' <<<"$out"; do
-  if ((SECONDS > deadline)); then echo "smoke: no tokens trained within ${TIMEOUT}s" >&2; exit 1; fi
+mine="streamd_consumer_group{group=\"$GROUP\"} 1.0"
+has_line() {  # URL TEXT: whether the page at URL holds TEXT
+  docker run --rm --network host --entrypoint python3 "$IMAGE" -c '
+import sys, urllib.request
+sys.exit(sys.argv[2] not in urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1" "$2"
+}
+until out=$(docker run --rm --network host "$IMAGE" status "http://127.0.0.1:$TRAINER_PORT" 2>/dev/null) \
+      && grep -Eq 'tokens trained +[1-9]' <<<"$out" \
+      && has_line "http://127.0.0.1:$TRAINER_PORT/metrics" "$mine" 2>/dev/null; do
+  if ((SECONDS > deadline)); then echo "smoke: no tokens trained by group $GROUP within ${TIMEOUT}s" >&2; exit 1; fi
   sleep 10
 done
 echo "$out"
+echo "trainer: $mine"
 # Prints "<labels> <value>" for each series of an instant query.
 prom_query() {
   docker run --rm --network host --entrypoint python3 "$IMAGE" -c '
@@ -184,11 +272,16 @@ for r in json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]:
 }
 q_up='up{job="streamd-trainer"}'
 q_tokens='streamd_tokens_trained_total{job="streamd-trainer"}'
+q_group="streamd_consumer_group{job=\"streamd-trainer\", group=\"$GROUP\"}"
 until up=$(prom_query "$q_up" 2>/dev/null) && grep -Eq ' 1$' <<<"$up" \
-      && tokens=$(prom_query "$q_tokens" 2>/dev/null) && grep -Eq ' [1-9][0-9.e+]*$' <<<"$tokens"; do
-  if ((SECONDS > deadline)); then echo "smoke: Prometheus did not scrape trained tokens within ${TIMEOUT}s" >&2; exit 1; fi
+      && tokens=$(prom_query "$q_tokens" 2>/dev/null) && grep -Eq ' [1-9][0-9.e+]*$' <<<"$tokens" \
+      && group=$(prom_query "$q_group" 2>/dev/null) && grep -Eq ' 1$' <<<"$group"; do
+  if ((SECONDS > deadline)); then
+    echo "smoke: Prometheus did not scrape group $GROUP's trained tokens within ${TIMEOUT}s" >&2; exit 1
+  fi
   sleep 5
 done
 echo "prometheus: $q_up -> $up"
 echo "prometheus: $q_tokens -> $tokens"
+echo "prometheus: $q_group -> $group"
 echo "smoke: OK"

@@ -132,8 +132,9 @@ UP_DEFAULTS: dict[str, Any] = {
     "checkpoints.every_seconds": 120.0,
     "trainer.run_dir": "runs/up",
     # Tansu keeps every record in memory: rotate topics so trained generations can be deleted, and hold the
-    # producer back when the trainer lags, so the broker's footprint stays bounded however long it runs.
-    "kafka.generation_seconds": 120,
+    # producer back when the trainer lags, so the broker's footprint stays bounded however long it runs. At least the
+    # generation grace: kafka.delivery_timeout_ms (120 s) + kafka.clock_skew_seconds (30 s).
+    "kafka.generation_seconds": 180,
     "producer.max_lag_messages": 128,
 }
 

@@ -78,8 +78,31 @@ class KafkaConfig(Strict):
     security: KafkaSecurity = Field(default_factory=KafkaSecurity)
     generation_seconds: int | None = Field(
         None, ge=1, description="write to TOPIC.gNNNNNNNNNN, a new topic every this many seconds, so the trainer can "
-        "delete generations it has trained and checkpointed (bounded broker footprint without broker retention)",
+        "delete generations it has trained and checkpointed (bounded broker footprint without broker retention); "
+        "at least the generation grace (delivery_timeout_ms + clock_skew_seconds)",
     )
+    delivery_timeout_ms: int = Field(
+        120_000, ge=1000, description="how long a producer's send is retried before it moves to the current topic: "
+        "a record may land on a generation this long after the producer left it",
+    )
+    clock_skew_seconds: int = Field(
+        30, ge=0, description="how far a producer's clock may be ahead of or behind the trainer's",
+    )
+
+    @property
+    def generation_grace_seconds(self) -> float:
+        """How long after a generation ended by the trainer's clock a record may still land on it."""
+        return self.delivery_timeout_ms / 1000 + self.clock_skew_seconds
+
+    @model_validator(mode="after")
+    def _generations_outlast_late_records(self) -> KafkaConfig:
+        if self.generation_seconds is not None and self.generation_seconds < self.generation_grace_seconds:
+            raise ValueError(
+                f"kafka.generation_seconds ({self.generation_seconds}) is shorter than the generation grace "
+                f"(kafka.delivery_timeout_ms {self.delivery_timeout_ms} ms + kafka.clock_skew_seconds "
+                f"{self.clock_skew_seconds} s = {self.generation_grace_seconds:g} s): a record still retried or sent "
+                f"by a skewed clock could land on a retired generation; raise generation_seconds or lower the others")
+        return self
 
     @field_validator("bootstrap_servers", mode="before")
     @classmethod
@@ -255,7 +278,10 @@ AnySAEConfig = Annotated[SerializeAsAny[SAEConfig], PlainValidator(_sae_config, 
 
 
 class TrainerConfig(Strict):
-    group_id: str = Field("streamd-trainer", min_length=1)
+    group_id: str | None = Field(
+        None, min_length=1, description="Kafka consumer group; default: derived from the run directory on its first "
+        "start and recorded there (RUN/group_id), so every run has its own and a resumed run keeps it",
+    )
     site: SiteSpec = Field(default_factory=SiteSpec)
     site_id: str | None = Field(None, description="hex site id to accept; default: computed from model + site")
     model_path: str | None = Field(None, description="model whose site_id to expect; None = shipped default")

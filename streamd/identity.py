@@ -102,3 +102,33 @@ def site_id(model_hash: str, site: str, layer: int) -> int:
 
 def site_id_hex(model_hash: str, site: str, layer: int) -> str:
     return f"{site_id(model_hash, site, layer):016x}"
+
+
+GROUP_FILE = "group_id"
+"""In a run directory: the consumer group the run started with (kept across restarts)."""
+
+
+def run_group_id(run_dir: str | Path, given: str | None = None) -> str:
+    """The Kafka consumer group of the run in ``run_dir``: ``given`` if set, else the one the run recorded on its
+    first start, else a new one derived from the directory's name plus a random part (two runs named alike on one
+    broker must not share a group: they would split its partitions, or retire topics the other still reads).
+    Recorded in ``run_dir/group_id``; a ``given`` group other than the recorded one replaces it, with a warning."""
+    import re
+    import secrets
+
+    run_dir = Path(run_dir)
+    path = run_dir / GROUP_FILE
+    recorded = path.read_text().strip() if path.exists() else ""
+    if given:
+        if recorded and recorded != given:
+            log.warning("run %s recorded consumer group %r; using the given %r from now on", run_dir, recorded, given)
+        group = given
+    else:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", run_dir.resolve().name).strip("-.") or "run"
+        group = recorded or f"streamd-{name[:64]}-{secrets.token_hex(4)}"
+    if group != recorded:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{GROUP_FILE}.tmp")
+        tmp.write_text(group + "\n")
+        os.replace(tmp, path)
+    return group

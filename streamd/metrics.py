@@ -98,6 +98,10 @@ def fetch_samples(url: str, timeout: float = 5.0) -> Samples:
         return parse_samples(resp.read().decode("utf-8"))
 
 
+DROP_REASONS = ("overflow", "non_finite")
+"""Why a producer drops tokens before publishing (``streamd_tokens_dropped_total{reason}``)."""
+
+
 def publish_error_kind(err: BaseException) -> str:
     """The ``kind`` label of a failed publish, one of ``PUBLISH_ERROR_KINDS`` (bounded, unlike exception names)."""
     names = {c.__name__ for c in type(err).__mro__}
@@ -174,6 +178,13 @@ class TrainerMetrics:
 
         self.generations_retired = Counter("generations_retired", "Generation topics deleted after being trained "
                                            "and checkpointed in full.", namespace=ns, registry=reg)
+        self.generations_recreated = Counter(
+            "generations_recreated", "Retired generation topics that came back (a late record re-created them); "
+            "read again from the start.", namespace=ns, registry=reg)
+        self.late_messages = Counter("late_messages", "Messages read from re-created generation topics.",
+                                     namespace=ns, registry=reg)
+        self.consumer_group = Gauge("consumer_group", "Always 1; the group label is this run's consumer group.",
+                                    ["group"], namespace=ns, registry=reg)
         self.checkpoints = Counter("checkpoints", "Checkpoints written successfully.", namespace=ns, registry=reg)
         self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint writes that failed.", namespace=ns,
                                            registry=reg)
@@ -255,9 +266,15 @@ class ProducerMetrics:
         self.stream_lag_messages = Gauge("stream_lag_messages", "Messages published but not yet consumed by the "
                                          "trainer (when producer.lag_url is set).", lab, namespace=ns, registry=reg)
         self.documents = Counter("documents", "Source documents read.", lab, namespace=ns, registry=reg)
+        self.tokens_dropped = Counter(
+            "tokens_dropped", "Tokens not published, by reason: overflow (a value beyond the wire dtype's range, "
+            "e.g. above 65504 in float16) or non_finite (NaN / inf from the model).", ["producer", "reason"],
+            namespace=ns, registry=reg)
 
         for m in (self.tokens_published, self.messages_published, self.bytes_published, self.send_queue_depth,
                   self.send_queue_capacity, self.documents, self.stream_lag_messages):
             m.labels(producer=producer_id)
         for kind in PUBLISH_ERROR_KINDS:
             self.publish_errors.labels(producer=producer_id, kind=kind)
+        for reason in DROP_REASONS:
+            self.tokens_dropped.labels(producer=producer_id, reason=reason)

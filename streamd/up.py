@@ -1,47 +1,82 @@
 """`streamd up`: the embedded default on one machine — local broker, one producer process, the trainer in-process.
 
 The producer runs in its own process (its own torch threads and GIL); the trainer runs here so Ctrl-C stops it first
-and it leaves a final checkpoint, then the producer is stopped (it flushes) and the broker last.
+and it leaves a final checkpoint, then the producer is stopped (it flushes) and the broker last. The producer gets
+the config as a 0600 file without secrets (removed at exit) and the secrets in its environment, and it dies with
+`up` (SIGTERM from the kernel, even when `up` is SIGKILLed), as the broker does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import yaml
 
-from streamd.stream.broker import LocalBroker
+from streamd.stream.broker import LocalBroker, die_with_parent
 from streamd.config import StreamdConfig
 from streamd.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
-def _producer_config(cfg: StreamdConfig, run_dir: Path) -> Path:
-    """The effective config as a file for the producer process (secrets included: it is written 0600)."""
+ENV_PREFIX = "STREAMD_"
+
+
+@contextlib.contextmanager
+def producer_config(cfg: StreamdConfig, run_dir: Path) -> Iterator[tuple[Path, dict[str, str]]]:
+    """The effective config for the producer process: a file without secrets (mode 0600 whatever an older file had,
+    removed on exit) and the secrets as ``STREAMD_SECTION__FIELD`` environment variables for the child only."""
+    secrets: dict[str, str] = {}
+    plain = _plain(cfg.model_dump(mode="python"), (), secrets)
     path = run_dir / "up-config.yaml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(yaml.safe_dump(_plain(cfg.model_dump(mode="python")), sort_keys=False))
-    return path
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file
+        with os.fdopen(fd, "w") as f:
+            f.write(yaml.safe_dump(plain, sort_keys=False))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    try:
+        yield path, secrets
+    finally:
+        path.unlink(missing_ok=True)
 
 
-def _plain(obj):
+def _plain(obj, where: tuple[str, ...], secrets: dict[str, str]):
+    """``obj`` as plain YAML values; secret values go to ``secrets`` (by environment variable name) instead."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        out = {}
+        for k, v in obj.items():
+            if hasattr(v, "get_secret_value"):
+                secrets[ENV_PREFIX + "__".join((*where, k)).upper()] = v.get_secret_value()
+            else:
+                out[k] = _plain(v, (*where, k), secrets)
+        return out
     if isinstance(obj, list):
-        return [_plain(v) for v in obj]
+        return [_plain(v, where, secrets) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "get_secret_value"):
-        return obj.get_secret_value()
+    if hasattr(obj, "get_secret_value"):  # a secret inside a list: no variable to carry it
+        raise ValueError(f"cannot pass a secret at {'.'.join(where)} to the producer")
     return obj
+
+
+def spawn_producer(cmd: list[str], log_file: IO[bytes], env: dict[str, str]) -> subprocess.Popen:
+    """Start the producer process, tied to this one: it gets SIGTERM when `up` dies, even by SIGKILL or the OOM
+    killer, instead of retrying for ever against a broker that went with `up`."""
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                            env={**os.environ, **env},
+                            preexec_fn=die_with_parent if sys.platform == "linux" else None)
 
 
 def run_up(cfg: StreamdConfig) -> int:
@@ -51,11 +86,15 @@ def run_up(cfg: StreamdConfig) -> int:
         cfg.kafka.bootstrap_servers = [broker.bootstrap]
         trainer = Trainer(cfg, on_progress=lambda p: print(p.line(), flush=True))
         cfg.producer.lag_url = cfg.producer.lag_url or trainer.server.url
-        producer_log = open(run_dir / "producer.log", "ab")
-        producer = subprocess.Popen(
-            [sys.executable, "-m", "streamd", "produce", "--config", str(_producer_config(cfg, run_dir))],
-            stdout=producer_log, stderr=subprocess.STDOUT,
-        )
+        stack = contextlib.ExitStack()
+        config_path, secret_env = stack.enter_context(producer_config(cfg, run_dir))
+        try:
+            producer_log = stack.enter_context(open(run_dir / "producer.log", "ab"))
+            producer = spawn_producer([sys.executable, "-m", "streamd", "produce", "--config", str(config_path)],
+                                      producer_log, secret_env)
+        except BaseException:
+            stack.close()
+            raise
         print(f"broker      {broker.bootstrap} (Tansu, memory storage)", flush=True)
         print(f"producer    pid {producer.pid}, log {run_dir / 'producer.log'}", flush=True)
         print(f"metrics     {trainer.server.url}/metrics", flush=True)
@@ -79,6 +118,6 @@ def run_up(cfg: StreamdConfig) -> int:
                 producer.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 producer.kill()
-            producer_log.close()
+            stack.close()  # the log, and the config file removed
         print(f"stopped after {tokens:,} tokens; latest checkpoint: {trainer.store.latest()}", flush=True)
     return 0

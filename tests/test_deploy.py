@@ -155,10 +155,22 @@ def test_gpu_override_reserves_gpus_for_streamd_services():
         assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
         # 1.29 accepts only a literal integer or "all" here when it starts containers (config -q does not check).
         assert isinstance(dev["count"], int) or dev["count"] == "all"
-        assert "cu" in svc["build"]["args"]["TORCH_INDEX"] and svc["build"]["dockerfile"] == "deploy/Dockerfile"
         assert svc["image"] != compose(BASE)["services"][name]["image"]
+    build = merged["trainer"]["build"]  # the one service that builds the image (see test_the_image_is_built_once)
+    assert "cu" in build["args"]["TORCH_INDEX"] and build["dockerfile"] == "deploy/Dockerfile"
     assert merged["trainer"]["environment"]["STREAMD_TRAINER__DEVICE"] == "cuda"
     assert merged["producer"]["environment"]["STREAMD_PRODUCER__DEVICE"] == "cuda"
+
+
+@pytest.mark.parametrize("files", [[BASE], [BASE, GPU]], ids=["base", "base+gpu"])
+def test_the_image_is_built_once(files):
+    """One service builds the streamd image, the others run it and start after it (docker-compose 1.29 looks for
+    a service's image in dependency order; a second `build` would build the same image again)."""
+    services = compose(*files)["services"]
+    builders = [name for name, svc in services.items() if "build" in svc]
+    assert builders == ["trainer"], builders
+    assert {services[n]["image"] for n in STREAMD_SERVICES} == {services["trainer"]["image"]}
+    assert services["producer"]["depends_on"]["trainer"]["condition"] == "service_started"
 
 
 def test_streamd_config_env_and_commands_are_valid(monkeypatch):
@@ -393,3 +405,98 @@ def test_prometheus_scrapes_streamd_and_records_lag(tmp_path):
         for s in servers:
             s.shutdown()
             s.server_close()
+
+
+# --- deploy/smoke.sh (not run here: it builds images for minutes; its settings and generated config are) ---------
+
+SMOKE = DEPLOY / "smoke.sh"
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _render(tmp_path: Path, **ports) -> subprocess.CompletedProcess:
+    env = {**clean_env(), "SMOKE_WORK": str(tmp_path / "work"), "SMOKE_GROUP": "streamd-smoke-test",
+           **{k: str(v) for k, v in ports.items()}}
+    return subprocess.run(["bash", str(SMOKE), "--render"], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_smoke_script_parses():
+    subprocess.run(["bash", "-n", str(SMOKE)], check=True, timeout=30)
+
+
+def test_smoke_puts_every_port_in_a_setting(tmp_path):
+    broker, trainer, producer, prom = _free_ports(4)
+    out = _render(tmp_path, SMOKE_BROKER_PORT=broker, SMOKE_TRAINER_PORT=trainer, SMOKE_PRODUCER_PORT=producer,
+                  SMOKE_PROMETHEUS_PORT=prom)
+    assert out.returncode == 0, out.stderr
+    work = tmp_path / "work"
+    override = yaml.safe_load((work / "smoke.override.yml").read_text())
+    svc = override["services"]
+    assert svc["kafka"]["command"] == ["broker", "--port", str(broker)]
+    assert f"{broker}" in svc["kafka"]["healthcheck"]["test"][3]
+    for name in STREAMD_SERVICES:
+        assert svc[name]["environment"]["STREAMD_KAFKA__BOOTSTRAP_SERVERS"] == f"127.0.0.1:{broker}"
+    assert str(svc["trainer"]["environment"]["STREAMD_METRICS__PORT"]) == str(trainer)
+    assert str(svc["producer"]["environment"]["STREAMD_PRODUCER__METRICS_PORT"]) == str(producer)
+    assert f"127.0.0.1:{trainer}/healthz" in svc["trainer"]["healthcheck"]["test"][3]
+    assert f"127.0.0.1:{producer}/healthz" in svc["producer"]["healthcheck"]["test"][3]
+    assert f"--web.listen-address=127.0.0.1:{prom}" in svc["prometheus"]["command"]
+    assert svc["trainer"]["environment"]["STREAMD_TRAINER__GROUP_ID"] == "streamd-smoke-test"
+    # the mounted Prometheus config scrapes this stack's ports, with the repository's rules
+    assert svc["prometheus"]["volumes"] == [f"{work / 'prometheus'}:/etc/prometheus:ro"]
+    prom_cfg = yaml.safe_load((work / "prometheus" / "prometheus.yml").read_text())
+    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom_cfg["scrape_configs"]}
+    assert targets == {"streamd-trainer": [f"127.0.0.1:{trainer}"], "streamd-producer": [f"127.0.0.1:{producer}"],
+                       "prometheus": [f"127.0.0.1:{prom}"]}
+    assert (work / "prometheus" / "rules.yml").read_text() == (PROM / "rules.yml").read_text()
+    rendered = (work / "smoke.override.yml").read_text() + (work / "prometheus" / "prometheus.yml").read_text()
+    for default in ("19092", "9400", "9401", "9090"):
+        assert default not in rendered, f"a fixed port {default} is left in the smoke config"
+    if shutil.which("promtool"):
+        r = subprocess.run(["promtool", "check", "config", "prometheus.yml"], cwd=work / "prometheus",
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+    if shutil.which("docker-compose"):  # the merge the script runs: the override's mount replaces the base one
+        r = subprocess.run(["docker-compose", "-p", "streamd-smoke", "-f", str(BASE), "-f",
+                            str(work / "smoke.override.yml"), "config"], capture_output=True, text=True,
+                           timeout=60, env=clean_env())
+        assert r.returncode == 0, r.stderr
+        merged = yaml.safe_load(r.stdout)["services"]["prometheus"]["volumes"]
+        etc = [v for v in merged if (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/etc/prometheus"]
+        assert len(etc) == 1 and str(work / "prometheus") in str(etc[0])
+
+
+def test_smoke_refuses_ports_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        broker, producer, prom = _free_ports(3)
+        out = _render(tmp_path, SMOKE_BROKER_PORT=broker, SMOKE_TRAINER_PORT=port, SMOKE_PRODUCER_PORT=producer,
+                      SMOKE_PROMETHEUS_PORT=prom)
+    assert out.returncode != 0 and f"port {port} (SMOKE_TRAINER_PORT) is in use" in out.stderr
+    assert not (tmp_path / "work" / "smoke.override.yml").exists()
+    out = _render(tmp_path, SMOKE_BROKER_PORT=broker, SMOKE_TRAINER_PORT=broker, SMOKE_PRODUCER_PORT=producer,
+                  SMOKE_PROMETHEUS_PORT=prom)
+    assert out.returncode != 0 and "share port" in out.stderr
+
+
+def test_smoke_success_needs_this_stacks_group():
+    """The checks look for the group the script gave its trainer, in the trainer's /metrics and in Prometheus."""
+    text = SMOKE.read_text()
+    wait = text[text.index("# 4. Wait"):]
+    assert 'mine="streamd_consumer_group{group=\\"$GROUP\\"} 1.0"' in wait
+    assert 'has_line "http://127.0.0.1:$TRAINER_PORT/metrics" "$mine"' in wait
+    assert 'group=\\"$GROUP\\"}"' in wait and "grep -Eq ' 1$' <<<\"$group\"" in wait
+    metrics = TrainerMetrics(["s"], REJECT_REASONS)
+    metrics.consumer_group.labels(group="streamd-smoke-test").set(1)
+    exposed = generate_latest(metrics.registry).decode()
+    assert 'streamd_consumer_group{group="streamd-smoke-test"} 1.0' in exposed.splitlines()

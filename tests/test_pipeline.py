@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from prometheus_client import generate_latest
 from transformers import AutoTokenizer
 
 from streamd import wire
 from streamd.config import ConfigError, SiteSpec, StreamdConfig, load_config
 from streamd.train.kafka_source import KafkaActivationSource
-from streamd.metrics import TrainerMetrics
+from streamd.metrics import TrainerMetrics, parse_samples
 from streamd.identity import model_content_hash, site_id
 from streamd.produce.packing import count_tokens
 from streamd.produce.producer import ActivationProducer
@@ -116,14 +118,27 @@ def test_producer_survives_a_broker_restart(broker, tiny_llama_dir, tmp_path):
             assert not errors, errors
             time.sleep(0.1)
 
+    def scrape() -> tuple[float, float, float]:
+        """(unacknowledged messages, forward passes, tokens published) as the producer's /metrics expose them."""
+        samples = parse_samples(generate_latest(prod.metrics.registry).decode())
+        one = lambda name: next(v for labels, v in samples[name] if labels.get("producer", "survivor") == "survivor")
+        return (one("streamd_send_queue_depth"), one("streamd_forward_seconds_count"),
+                one("streamd_tokens_published_total"))
+
     wait_published(20, 120)
     broker.kill()
-    max_depth, deadline = 0.0, time.monotonic() + 6
+    time.sleep(3)  # the queue fills within a batch or two
+    depth_mid, forwards_mid, published_mid = scrape()
+    max_depth, deadline = depth_mid, time.monotonic() + 3
     while time.monotonic() < deadline:
-        max_depth = max(max_depth, depth._value.get())
+        max_depth = max(max_depth, scrape()[0])
         time.sleep(0.05)
+    depth_end, forwards_end, published_end = scrape()
     assert worker.is_alive() and not errors
-    assert max_depth <= 8
+    # the outage is visible in the metrics (every slot taken, nothing acknowledged) and the model waits on it:
+    # no forward pass while the queue is full, so the producer's memory stays bounded
+    assert depth_mid == max_depth == depth_end == 8, (depth_mid, max_depth, depth_end)
+    assert forwards_end == forwards_mid and published_end == published_mid
     before = published._value.get()
     broker.restart()
     wait_published(before + 20, 120)  # memory storage: the topic came back and publishing resumed
@@ -151,3 +166,47 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "streamd", "train", "--source", str(small), "--metrics-port", "0",
                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "holds 100 tokens" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_float16_overflow_is_caught_at_the_producer(kafka_cfg, tiny_llama_dir, tmp_path, caplog):
+    """A model whose activations exceed float16's 65504 (here: a forward hook scales one position of every window):
+    the producer drops those tokens before encoding, counts them and says once which wire dtype to use; the trainer
+    sees no message rejected as non_finite."""
+    import logging
+
+    from streamd.produce.capture import blocks, first_tensor
+
+    cfg = _producer_cfg(kafka_cfg, tiny_llama_dir, _corpus(tmp_path / "c.txt", n_docs=12), "big")
+    cfg.producer.sites = [SiteSpec(site="resid_post", layer=1)]
+    prod = ActivationProducer(cfg)
+    assert prod.wire_dtype == torch.float16
+
+    def blow_up(_module, _inputs, output):
+        first_tensor(output)[:, 5] *= 1e8  # the residual stream carries it to layer 1's output
+
+    hook = blocks(prod.loaded.model)[0].register_forward_hook(blow_up)
+    with caplog.at_level(logging.ERROR, logger="streamd.produce.producer"):
+        published = prod.run()
+    hook.remove()
+    dropped = prod.metrics.tokens_dropped.labels(producer="big", reason="overflow")._value.get()
+    sent = prod.metrics.tokens_published.labels(producer="big")._value.get()
+    assert dropped > 0 and sent == published - dropped
+    said = [r.getMessage() for r in caplog.records if "wire_dtype: bfloat16" in r.getMessage()]
+    assert len(said) == 1, said  # once, however many batches overflow
+
+    metrics = TrainerMetrics(["x"], wire.REJECT_REASONS)
+    expected_site = site_id(model_content_hash(tiny_llama_dir), "resid_post", 1)
+    src = KafkaActivationSource(kafka_cfg.model_copy(update={"partitions": 4}), kafka_cfg.topic, "big", metrics,
+                                expected_site_id=expected_site, d_in=64, queue_tokens=1 << 20)
+    src.start()
+    tokens, deadline = 0, time.monotonic() + 60
+    try:
+        while tokens < sent and time.monotonic() < deadline:
+            chunk = src.get(timeout=0.5)
+            if chunk is not None:
+                assert bool(torch.isfinite(chunk.acts).all())
+                tokens += len(chunk.acts)
+    finally:
+        src.close()
+    assert tokens == sent
+    assert metrics.messages_rejected.labels(reason="non_finite")._value.get() == 0

@@ -55,6 +55,7 @@ class Publisher:
         self._todo: queue.Queue = queue.Queue()
         self._closing = threading.Event()
         self._recheck_topics = threading.Event()
+        self._created: set[str] = set()  # topics the send loop created ahead of switch_topics
         self._thread = threading.Thread(target=self._send_loop, name="streamd-publish", daemon=True)
         self._thread.start()
         metrics.send_queue_capacity.labels(producer=metrics.producer_id).set(capacity)
@@ -85,11 +86,17 @@ class Publisher:
             except queue.Empty:
                 continue
             topic, key, value, n_tokens, t0, attempt = item
-            if attempt:
-                # a retry may have outlived its topic, which the trainer may have released: send it to the current one
-                topic = self.retention.topic_for(self.retention.base_topic(topic))
+            # Always to the topic of now: a message that waited (backpressure, a retry) may have outlived its
+            # generation, which the trainer may have released. So a record lands on a generation at most
+            # kafka.delivery_timeout_ms after the producer left it (the retention's grace counts on that).
+            current = self.retention.topic_for(self.retention.base_topic(topic))
+            if current != topic:
+                topic = current
                 item = (topic, *item[1:])
             try:
+                if topic not in self.topics and topic not in self._created:
+                    ensure_topic(self.kafka, topic, self.partitions)  # before the model's loop reaches it
+                    self._created.add(topic)
                 if self._recheck_topics.is_set():
                     # A broker that lost its data (memory storage) lost the topic, and it acknowledges sends to a
                     # lost topic that nobody can read: re-create before sending anything after an error.
@@ -188,6 +195,7 @@ class ActivationProducer:
         self.stop_event = threading.Event()
         self.seq = 0
         self.tokens = 0
+        self._dropped_logged: set[str] = set()
 
     def _documents(self) -> Iterator[str]:
         docs = self.metrics.documents.labels(producer=self.pcfg.producer_id)
@@ -274,9 +282,36 @@ class ActivationProducer:
             self.stop_event.wait(1.0)
         return False
 
+    def _finite_rows(self, rows: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop the tokens a trainer would reject (it rejects a whole message holding one non-finite value): values
+        beyond the wire dtype's range (float16 tops out at 65504, and some models' activations go past it), or
+        NaN / inf from the model. Counted in ``streamd_tokens_dropped_total{reason}``, logged once per reason.
+        Tokens, not messages, are dropped: the rest of a message is good data."""
+        ok = torch.isfinite(rows).all(dim=1)
+        if bool(ok.all()):
+            return rows, token_ids
+        bad = rows[~ok]
+        reason = "overflow" if rows.dtype == torch.float16 and not bool(bad.isnan().any()) else "non_finite"
+        n = int(len(bad))
+        self.metrics.tokens_dropped.labels(producer=self.pcfg.producer_id, reason=reason).inc(n)
+        if reason not in self._dropped_logged:
+            self._dropped_logged.add(reason)
+            if reason == "overflow":
+                log.error("%d token(s) hold activations beyond float16's range (|x| > 65504) and are dropped, not "
+                          "published (streamd_tokens_dropped_total{reason=\"overflow\"}; logged once). This model "
+                          "needs a wider wire dtype: set producer.wire_dtype: bfloat16 (float32's range, same size "
+                          "on the wire)", n)
+            else:
+                log.error("%d token(s) hold NaN / inf activations from the model and are dropped, not published "
+                          "(streamd_tokens_dropped_total{reason=\"non_finite\"}; logged once)", n)
+        return rows[ok], token_ids[ok]
+
     def _publish(self, pub: Publisher, key: bytes, topic: str, sid: int, rows: torch.Tensor,
                  token_ids: torch.Tensor) -> None:
         p = self.pcfg
+        rows, token_ids = self._finite_rows(rows, token_ids)
+        if not len(rows):
+            return
         step = split_rows(len(rows), rows.shape[1], rows.dtype, p.producer_id, p.include_token_ids,
                           p.max_message_bytes)
         for lo in range(0, len(rows), step):

@@ -45,9 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the thread that started it dies, even by SIGKILL,
-    so a crashed test run or CLI leaves no broker behind (Linux only; elsewhere ``stop`` must be called)."""
+def die_with_parent() -> None:
+    """``preexec_fn`` of a child process: SIGTERM it when the thread that started it dies, even by SIGKILL,
+    so a crashed test run or CLI leaves no broker (or producer) behind (Linux only; elsewhere ``stop`` must be
+    called)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -60,7 +61,7 @@ def _spawn(cmd: list[str], log_file: IO[bytes], env: dict[str, str] | None = Non
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop the children in order
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        preexec_fn=die_with_parent if sys.platform == "linux" else None,
     )
 
 

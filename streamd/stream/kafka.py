@@ -89,7 +89,7 @@ def make_producer(cfg: KafkaConfig, *, max_request_size: int, **overrides: Any) 
         **client_kwargs(cfg),
         "acks": "all",
         "enable_idempotence": False,  # see module docstring
-        "delivery_timeout_ms": 120_000,
+        "delivery_timeout_ms": cfg.delivery_timeout_ms,  # bounds how late a record lands (generation grace)
         "linger_ms": 5,
         "compression_type": None,
         "max_request_size": max_request_size,
@@ -175,3 +175,20 @@ def end_offsets(cfg: KafkaConfig, topics: list[str]) -> dict[tuple[str, int], in
         return {(tp.topic, tp.partition): off for tp, off in consumer.end_offsets(parts).items()} if parts else {}
     finally:
         consumer.close()
+
+
+def group_offsets(cfg: KafkaConfig, exclude: str | None = None) -> dict[str, dict[tuple[str, int], int]]:
+    """Every consumer group the broker knows (but ``exclude``) with its committed offset per (topic, partition)."""
+    admin = make_admin(cfg)
+    try:
+        groups = sorted(g["group_id"] for g in admin.list_groups() if g["group_id"] != exclude)
+        if not groups:
+            return {}
+        try:
+            found = admin.list_group_offsets({g: None for g in groups})
+        except kerr.UnsupportedVersionError:  # OffsetFetch before v8: one group per request
+            found = {g: admin.list_group_offsets({g: None})[g] for g in groups}
+        return {g: {(tp.topic, tp.partition): om.offset for tp, om in offsets.items() if om.offset >= 0}
+                for g, offsets in found.items()}
+    finally:
+        admin.close()

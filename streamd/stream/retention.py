@@ -9,6 +9,13 @@ Two strategies behind one interface, chosen from the config in one place (``rete
   wall-clock time); the trainer follows every generation and, once a checkpoint is durable, releases (deletes) the
   generations that producers have left and whose every token is trained.
 
+  "Left" is judged on the trainer's clock with a grace (``KafkaConfig.generation_grace_seconds``): a record may be
+  retried by kafka-python for ``delivery_timeout_ms`` after it was sent, and a producer's clock may be off by
+  ``clock_skew_seconds``. A generation is deleted only once every other consumer group that reads this stream (has
+  committed offsets on one of its generations) has committed its end too. If a record still lands on a deleted
+  generation, the broker re-creates the topic: the reader is told (``take_recreated``), reads it from the start and
+  releases it again like any other.
+
 Callers see only ``Retention`` and ``retention_for``; the generation naming stays in this module.
 """
 
@@ -23,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from kafka.errors import KafkaError
 
 from streamd.config import KafkaConfig
-from streamd.stream.kafka import delete_topic, end_offsets, ensure_topic
+from streamd.stream.kafka import delete_topic, end_offsets, ensure_topic, group_offsets
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +48,9 @@ class Retention:
     """Whether the topics to follow change while running: then the reader assigns ``topics_to_follow`` itself
     (a group subscription would pause for a rebalance at every new topic) instead of subscribing to the base."""
 
-    def __init__(self, kafka: KafkaConfig) -> None:
+    def __init__(self, kafka: KafkaConfig, group_id: str | None = None) -> None:
         self.kafka = kafka
+        self.group_id = group_id  # the reader's own consumer group (other groups may hold a release back)
 
     # --- producers --------------------------------------------------------------------------------------------
 
@@ -72,6 +80,11 @@ class Retention:
     def is_released(self, topic: str) -> bool:
         """Whether ``topic`` was released: readers drop its positions and commits."""
         return False
+
+    def take_recreated(self) -> set[str]:
+        """For the reader's thread: deleted topics that came back (a late record re-created them) since the last
+        call; ``topics_to_follow`` lists them again, and the reader reads them from the start."""
+        return set()
 
     def take_released(self) -> set[str]:
         """For the reader's thread: topics released since the last call, to stop reading and then ``delete``."""
@@ -106,11 +119,15 @@ class GenerationRetention(Retention):
 
     rotates = True
 
-    def __init__(self, kafka: KafkaConfig) -> None:
-        super().__init__(kafka)
+    def __init__(self, kafka: KafkaConfig, group_id: str | None = None) -> None:
+        super().__init__(kafka, group_id)
         self._lock = threading.Lock()
-        self._released: set[str] = set()  # never followed again, whether or not the delete went through
+        self._released: set[str] = set()  # not followed (unless re-created after the delete)
         self._to_delete: set[str] = set()
+        self._deleted: set[str] = set()  # deleted by us: seen again means a late record re-created it
+        self._recreated: set[str] = set()  # re-created, not yet taken by the reader
+        self._revived: set[str] = set()  # re-created and followed again: released even if nothing was read
+        self.clock = time.time  # the trainer's wall clock (tests replace it)
 
     def topic_for(self, base: str, now: float | None = None) -> str:
         return topic_for(self.kafka, base, time.time() if now is None else now)
@@ -124,30 +141,67 @@ class GenerationRetention(Retention):
     def topics_to_follow(self, base: str, existing: Iterable[str]) -> list[str]:
         pattern = re.compile(generation_pattern(base))
         with self._lock:
+            back = {t for t in existing if t in self._deleted}
+            for topic in sorted(back):
+                log.warning("generation topic %s was deleted and is back (a late record re-created it, sent within "
+                            "the producer's retries or by a skewed clock): reading it again", topic)
+            self._deleted -= back
+            self._released -= back
+            self._recreated |= back
+            self._revived |= back
             return [t for t in existing if pattern.match(t) and t not in self._released]
 
-    def release(self, durable: Mapping[SourceKey, int], read: Mapping[SourceKey, int]) -> None:
-        """Release generations that producers have left (older than the previous one) and whose every token is
-        trained and durable: read to the log end, nothing pending below the position. Tansu's end offsets can only
-        be low, and a fetch returns whole batches, so a position at or past the reported end means the last batch
-        was read."""
-        current = generation_of(self.kafka, time.time())
+    def take_recreated(self) -> set[str]:
         with self._lock:
-            old = sorted({t for t, _ in read if (g := parse_generation(t)) is not None and g < current - 1
-                          and t not in self._released})
+            out, self._recreated = self._recreated, set()
+        return out
+
+    def abandoned(self, topic: str, now: float | None = None) -> bool:
+        """Whether producers have left generation ``topic`` for good: it ended (by the trainer's clock) at least
+        the grace ago, so no record still retried, nor one from a skewed clock, can land on it."""
+        g = parse_generation(topic)
+        now = self.clock() if now is None else now
+        return g is not None and (g + 1) * self.kafka.generation_seconds + self.kafka.generation_grace_seconds <= now
+
+    def release(self, durable: Mapping[SourceKey, int], read: Mapping[SourceKey, int]) -> None:
+        """Release generations that producers have left (``abandoned``) and whose every token is trained and
+        durable: read to the log end, nothing pending below the position, and every other group that reads this
+        stream committed past the end as well. Tansu's end offsets can only be low, and a fetch returns whole
+        batches, so a position at or past the reported end means the last batch was read."""
+        now = self.clock()
+        with self._lock:
+            old = sorted({t for t in {t for t, _ in read} | self._revived
+                          if self.abandoned(t, now) and t not in self._released})
         if not old:
             return
         try:
             ends = end_offsets(self.kafka, old)
+            others = group_offsets(self.kafka, exclude=self.group_id)
         except KafkaError as e:  # the broker is away: the next checkpoint tries again
             log.warning("checking generation topics for release failed: %s", e)
             return
+        readers = {g: offs for g, offs in others.items() if any(self._same_stream(t, old) for t, _ in offs)}
         for topic in old:
             parts = [k for k in ends if k[0] == topic]
-            if parts and all(read.get(k, 0) >= ends[k] and durable.get(k, 0) >= read.get(k, 0) for k in parts):
-                with self._lock:
-                    self._released.add(topic)
-                    self._to_delete.add(topic)
+            with self._lock:
+                revived = topic in self._revived
+            if not (parts or revived):
+                continue
+            if not all(read.get(k, 0) >= ends[k] and durable.get(k, 0) >= read.get(k, 0) for k in parts):
+                continue
+            behind = sorted(g for g, offs in readers.items() if any(offs.get(k, -1) < ends[k] for k in parts))
+            if behind:
+                log.info("keeping %s: consumer group(s) %s have not committed its end", topic, ", ".join(behind))
+                continue
+            with self._lock:
+                self._released.add(topic)
+                self._to_delete.add(topic)
+                self._revived.discard(topic)
+
+    def _same_stream(self, topic: str, candidates: list[str]) -> bool:
+        """Whether ``topic`` is a generation of the same base as one of ``candidates``."""
+        base = self.base_topic(topic)
+        return parse_generation(topic) is not None and any(self.base_topic(c) == base for c in candidates)
 
     def is_released(self, topic: str) -> bool:
         with self._lock:
@@ -169,13 +223,15 @@ class GenerationRetention(Retention):
                     self._to_delete.add(topic)
                 continue
             deleted += 1
+            with self._lock:
+                self._deleted.add(topic)
             log.info("retired generation topic %s (trained and checkpointed)", topic)
         return deleted
 
 
-def retention_for(kafka: KafkaConfig) -> Retention:
-    """The one place the strategy is chosen from the config."""
-    return GenerationRetention(kafka) if kafka.generation_seconds else BrokerRetention(kafka)
+def retention_for(kafka: KafkaConfig, group_id: str | None = None) -> Retention:
+    """The one place the strategy is chosen from the config; ``group_id``: the reader's consumer group."""
+    return GenerationRetention(kafka, group_id) if kafka.generation_seconds else BrokerRetention(kafka, group_id)
 
 
 # --- generation topic names ------------------------------------------------------------------------------------

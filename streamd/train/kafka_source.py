@@ -51,7 +51,8 @@ class KafkaActivationSource:
         retention: Retention | None = None,
     ) -> None:
         self.kafka, self.topic, self.group_id, self.metrics = kafka, topic, group_id, metrics
-        self.retention = retention or retention_for(kafka)
+        self.retention = retention or retention_for(kafka, group_id)
+        metrics.consumer_group.labels(group=group_id).set(1)
         self.expected_site_id, self.d_in = expected_site_id, d_in
         self.dtype, self.pin_memory, self.torch_threads = dtype, pin_memory, torch_threads
         self.start_offsets = dict(start_offsets or {})
@@ -70,6 +71,7 @@ class KafkaActivationSource:
         self._last_seq: dict[str, int] = {}  # per producer, the highest seq consumed
         self._lag_at = 0.0
         self._follow_at = 0.0
+        self._recreated: set[str] = set()  # topics a late record re-created after their release: read from the start
 
     def start(self) -> None:
         self._thread.start()
@@ -158,6 +160,8 @@ class KafkaActivationSource:
             return True
         if rec.offset < self.reread_below.get(key, -1):
             self.metrics.duplicates_reread.inc()
+        if tp.topic in self._recreated:
+            self.metrics.late_messages.inc()
         acts = msg.acts.to(self.dtype, copy=True)
         if self.pin_memory:
             acts = acts.pin_memory()
@@ -221,10 +225,17 @@ class KafkaActivationSource:
         released = self.retention.take_released()
         if released:
             consumer = self._drop(consumer, released)
+            self._recreated -= released
         if time.monotonic() - self._follow_at < FOLLOW_CHECK_SECONDS:
             return consumer
-        self._follow_at = time.monotonic()
         topics = self.retention.topics_to_follow(self.topic, consumer.topics())
+        back = self.retention.take_recreated()
+        if back:
+            self.metrics.generations_recreated.inc(len(back))
+            self._recreated |= back
+            # the consumer may still hold positions on the deleted topics: place them again from the start
+            self._fresh |= {tp for tp in consumer.assignment() if tp.topic in back}
+        self._follow_at = time.monotonic()
         parts = {TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()}
         current = consumer.assignment()
         if parts != current:
@@ -276,6 +287,12 @@ class KafkaActivationSource:
         for tp in fresh:
             key = (tp.topic, tp.partition)
             want = self.start_offsets.pop(key, None)
+            if tp.topic in self._recreated:  # its old offsets (ours, the group's) belong to the deleted topic
+                log.warning("%s[%d] re-created after its release holds %d record(s): reading them", tp.topic,
+                            tp.partition, ends.get(tp, 0))
+                self.reread_below.pop(key, None)
+                consumer.seek_to_beginning(tp)
+                continue
             if want is None:
                 want = consumer.committed(tp)
             if want is None:

@@ -22,6 +22,7 @@ import torch
 
 from streamd import __version__, wire
 from streamd.config import CheckpointConfig, StreamdConfig, TrainerConfig
+from streamd.identity import run_group_id
 from streamd.metrics import STEP_STATS, TrainerMetrics
 from streamd.torch_utils import TORCH_DTYPES, configure_threads
 from streamd.run.checkpoints import CheckpointStore
@@ -201,7 +202,8 @@ class Trainer:
         resume = read_resume(self.store)
         self.tokens = resume.tokens
         self._resume_state = resume.state
-        retention = retention_for(cfg.kafka)
+        self.tcfg.group_id = run_group_id(self.tcfg.run_dir, self.tcfg.group_id)  # recorded in the run directory
+        retention = retention_for(cfg.kafka, self.tcfg.group_id)
         source, site = open_source(cfg, self.metrics, retention, resume, self.dtype, self.device, activation_file,
                                    loop_file)
         state = resume.state or {}

@@ -1,0 +1,80 @@
+"""`streamd up`'s hand-off to its producer process (issue 13): no secret in the config file it writes, the file
+0600 and removed at exit, and a producer that dies with `up`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import yaml
+
+from streamd.config import StreamdConfig
+from streamd.up import producer_config
+
+
+def test_the_producer_config_holds_no_secret_and_goes_away(tmp_path):
+    cfg = StreamdConfig(
+        kafka={"security": {"protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "u",
+                            "sasl_password": "hunter2-sasl"}},
+        metrics={"checkpoint_token": "tok-secret-1"})
+    path = tmp_path / "up-config.yaml"
+    path.write_text("old\n")
+    path.chmod(0o644)  # an older file's mode must not survive
+    with producer_config(cfg, tmp_path) as (written, env):
+        assert written == path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        text = path.read_text()
+        assert "hunter2-sasl" not in text and "tok-secret-1" not in text
+        assert env == {"STREAMD_KAFKA__SECURITY__SASL_PASSWORD": "hunter2-sasl",
+                       "STREAMD_METRICS__CHECKPOINT_TOKEN": "tok-secret-1"}
+        assert yaml.safe_load(text)["kafka"]["security"]["sasl_username"] == "u"
+    assert not path.exists()
+
+
+def test_the_config_and_secrets_reach_the_producer_process(tmp_path, monkeypatch):
+    """What the child loads from file + environment is the parent's config, secrets included."""
+    cfg = StreamdConfig(metrics={"checkpoint_token": "tok-secret-2"}, kafka={"topic": "from-up"})
+    for k in [k for k in os.environ if k.startswith("STREAMD_")]:
+        monkeypatch.delenv(k)
+    with producer_config(cfg, tmp_path) as (path, env):
+        code = ("from streamd.config import load_config; c = load_config(path=%r); "
+                "print(c.kafka.topic, c.metrics.checkpoint_token.get_secret_value())" % str(path))
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
+                             text=True, timeout=60)
+    assert out.stdout.split() == ["from-up", "tok-secret-2"], out.stderr[-2000:]
+
+
+def test_the_producer_dies_with_up(tmp_path):
+    """SIGKILL `up` (or the OOM killer does): its producer gets SIGTERM instead of retrying for ever."""
+    parent = textwrap.dedent(f"""
+        import sys, time
+        from streamd.up import spawn_producer
+        child = spawn_producer([sys.executable, "-c", "import time; time.sleep(120)"], open({str(tmp_path / 'p.log')!r}, "ab"), {{}})
+        print(child.pid, flush=True)
+        time.sleep(120)
+    """)
+    up = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(up.stdout.readline())
+        os.kill(child, 0)  # running
+        up.send_signal(signal.SIGKILL)
+        up.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the producer outlived a SIGKILLed up"
+            time.sleep(0.1)
+    finally:
+        up.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has died (its reaper is init)
+    except FileNotFoundError:
+        return False
