@@ -182,7 +182,10 @@ class KafkaActivationSource:
     def _maybe_commit(self, consumer) -> None:
         with self._lock:
             req, self._commit_req = self._commit_req, None
-        req = {k: v for k, v in (req or {}).items() if not self.retention.is_released(k[0])}
+        self._commit(consumer, req or {})
+
+    def _commit(self, consumer, req: dict[SourceKey, int]) -> None:
+        req = {k: v for k, v in req.items() if not self.retention.is_released(k[0])}
         if not req:
             return
         try:
@@ -305,6 +308,10 @@ class KafkaActivationSource:
                 consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, want)
+        # Commit where each partition starts (where a resume would start anyway), so that the group holds an offset
+        # for every partition read from the first moment: a broker that then loses its log loses these commits too,
+        # which is how the lost log is noticed even before the first checkpoint (see Retention.lost_logs).
+        self._commit(consumer, {(tp.topic, tp.partition): consumer.position(tp) for tp in fresh})
         consumer.resume(*fresh)
         self.assigned.set()
         return fresh
