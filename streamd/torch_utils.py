@@ -1,8 +1,12 @@
-"""Small torch helpers shared by producer, trainer, eval and benches: dtype names and the thread count."""
+"""Small torch helpers shared by producer, trainer, eval and benches: dtype names, the thread count, a torch call
+whose one-time warning is noise."""
 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -21,3 +25,24 @@ def configure_threads(n: int | None) -> None:
         torch.set_num_interop_threads(n)
     except RuntimeError:  # only settable before the first parallel op; intra-op threads are what matter here
         log.debug("inter-op threads already fixed at %d", torch.get_num_interop_threads())
+
+
+class QuietOnce:
+    """``fn`` with one of torch's once-per-process warnings silenced, scoped to the call (no process-wide filter).
+
+    After the first call the plain function runs: torch has issued its warning by then, and entering
+    ``catch_warnings`` on every call would reset every module's warning registry (re-showing other "once"
+    warnings) and is not thread-safe.
+    """
+
+    def __init__(self, fn: Callable[..., Any], message: str) -> None:
+        self.fn, self.message, self.quiet = fn, message, False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.quiet:
+            return self.fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=self.message, category=UserWarning)
+            out = self.fn(*args, **kwargs)
+        self.quiet = True
+        return out

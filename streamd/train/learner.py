@@ -81,6 +81,7 @@ class Learner:
         self.base_lr = cfg.learning_rate(d_in)  # lr, else the architecture's default_lr
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999))
         self.autocast = trainer_cfg.autocast_bf16 and self.device.type == "cuda"
+        self.sparse = trainer_cfg.sparse_step and self.sae.sparse_step  # TopK family: the sparse step
         self.tokens_seen = 0
         self.steps = 0
         self.b_dec_initialized = not self.sae.init_b_dec_from_data
@@ -117,9 +118,9 @@ class Learner:
         return {label: c / n for label, c in zip(DENSITY_BUCKETS, counts)}
 
     @torch.no_grad()
-    def _record_fires(self, feats: Tensor) -> None:
-        b = feats.shape[0]
-        fires = (feats > 0).sum(0)
+    def _record_fires(self, fires: Tensor, b: int) -> None:
+        """``fires`` [d_sae]: tokens of this batch (of ``b``) each latent fired on."""
+        fires = fires.to(torch.int64)
         self.since_fired += b
         self.since_fired.masked_fill_(fires > 0, 0)  # no boolean indexing: it would sync a CUDA step
         self.window_fires += fires
@@ -139,8 +140,9 @@ class Learner:
         lr = self.base_lr * lr_mult
         for group in self.opt.param_groups:
             group["lr"] = lr
+        loss_fn = self.sae.sparse_loss if self.sparse else self.sae.loss
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.sae.loss(x, sparsity_scale, self.dead_mask())
+            out = loss_fn(x, sparsity_scale, self.dead_mask())
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.sae.before_optimizer_step()
@@ -150,11 +152,10 @@ class Learner:
         self.tokens_seen += x.shape[0]
         self.steps += 1
         with torch.no_grad():
-            feats = out.feats.detach()
-            self._record_fires(feats)
+            self._record_fires(out.fires, x.shape[0])
             terms = list(out.terms)
             values = torch.stack(
-                [out.loss.detach().float(), (feats > 0).sum(-1).float().mean(), fvu(x, out.x_hat.detach()),
+                [out.loss.detach().float(), out.l0.detach().float(), fvu(x, out.x_hat.detach()),
                  self.dead_mask().float().mean(), self.dense_mask().float().mean()]
                 + [out.terms[k].detach().float() for k in terms]
             )
