@@ -165,7 +165,7 @@ def cmd_eval(args) -> int:
     from streamd.client.evaluate import eval_checkpoint
 
     cfg = _config(args)
-    for name, r in eval_checkpoint(cfg, args.checkpoint, n_docs=args.docs).items():
+    for name, r in eval_checkpoint(cfg, args.checkpoint, n_docs=args.docs, device=args.device).items():
         print(name, " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in r.items()), flush=True)
     return 0
 
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, PRODUCE_FLAGS)
     p.add_argument("checkpoint", help="checkpoint dir, run dir or URL")
     p.add_argument("--docs", type=int, default=64, help="held-out documents to evaluate on")
+    p.add_argument("--device", default="auto", help="where the model and SAEs run (auto: a GPU when there is one)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("replay", help="publish a cached activation file (.npy/.safetensors) in the wire format")

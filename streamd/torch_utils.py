@@ -16,6 +16,34 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(name: str) -> torch.device:
+    """A config's device: ``auto`` is CUDA when there is one, else the CPU; a CUDA device on a host without CUDA is an
+    error now (naming the setting's value), not a failure deep inside the first copy to it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N, auto): {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this host has no usable CUDA (torch {torch.__version__}, CUDA build "
+                         f"{torch.version.cuda or 'none'}); use cpu or auto")
+    if dev.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls: the SAE step's bulk
+    return dev
+
+
+def to_cpu(obj: Any) -> Any:
+    """Every tensor in a nest of dicts, lists and tuples on the CPU (saved state must load on any host)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def configure_threads(n: int | None) -> None:
     """Pin torch's intra-op (and, if still possible, inter-op) thread count for this process; None keeps torch's."""
     if n is None:

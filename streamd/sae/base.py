@@ -47,6 +47,13 @@ def geometric_median(x: Tensor, iters: int = 20, eps: float = 1e-8) -> Tensor:
     return m
 
 
+def pre_activations(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    """``(x - b_dec) @ W_enc + b_enc``; for a batch ``[B, d]`` one fused ``addmm`` (the dense and the sparse step
+    share it, so they select the same latents bit for bit)."""
+    xc = x - b_dec
+    return torch.addmm(b_enc, xc, w_enc) if xc.dim() == 2 else xc @ w_enc + b_enc
+
+
 def sum_sq(err: Tensor) -> Tensor:
     """Squared error summed over features, averaged over tokens: the reconstruction term of every loss here."""
     return err.pow(2).sum(-1).mean()
@@ -78,7 +85,7 @@ class SAE(nn.Module, ABC):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
 
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:

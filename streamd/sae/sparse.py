@@ -61,7 +61,7 @@ def _transposed(crow: Tensor, col: Tensor, n_cols: int) -> tuple[Tensor, Tensor,
     product with a transposed CSR)."""
     counts = crow[1:] - crow[:-1]
     rows = torch.repeat_interleave(torch.arange(counts.shape[0], device=col.device), counts)
-    col_sorted, perm = col.sort(stable=True)
+    col_sorted, perm = col.sort()
     t_crow = torch.zeros(n_cols + 1, dtype=torch.int64, device=col.device)
     t_crow[1:] = torch.bincount(col_sorted, minlength=n_cols).cumsum(0)
     return t_crow, rows[perm], perm
@@ -88,7 +88,7 @@ class SparseTopKLoss(torch.autograd.Function):
                 aux_scale: Tensor) -> tuple[Tensor, ...]:
         b, f = x.shape[0], w_dec.shape[0]
         xc = x - b_dec
-        pre = xc @ w_enc + b_enc  # the dense path's expression: the same selection, bit for bit
+        pre = torch.addmm(b_enc, xc, w_enc)  # as base.pre_activations: the dense path's selection, bit for bit
         crow, col, raw = (batch_topk_codes if batch_topk else topk_codes)(pre, min(k, f))
         val = raw.relu()
         x_hat = torch.sparse.mm(_csr(crow, col, val, (b, f)), w_dec) + b_dec

@@ -23,7 +23,7 @@ import torch
 from streamd import __version__, wire
 from streamd.config import CheckpointConfig, StreamdConfig, TrainerConfig
 from streamd.metrics import STEP_STATS, TrainerMetrics
-from streamd.torch_utils import TORCH_DTYPES, configure_threads
+from streamd.torch_utils import TORCH_DTYPES, configure_threads, resolve_device
 from streamd.run.checkpoints import CheckpointStore
 from streamd.run.history import MetricsHistory
 from streamd.run.lock import RunLock, RunLockedError
@@ -42,12 +42,6 @@ __all__ = ["Progress", "RunLockedError", "Trainer", "expected_site_id", "resolve
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def expected_site_id(cfg: StreamdConfig) -> int:
     """The site the trainer accepts: given as hex, or computed from the model's content hash and the site."""
     if cfg.trainer.site_id is not None:
@@ -59,7 +53,7 @@ def expected_site_id(cfg: StreamdConfig) -> int:
 
 
 def open_source(cfg: StreamdConfig, metrics: TrainerMetrics, retention: Retention, resume: Resume,
-                dtype: torch.dtype, device: torch.device, path: Path | None = None,
+                device: torch.device, path: Path | None = None,
                 loop: bool = False) -> tuple[ActivationSource, int | None]:
     """The run's source, placed where the checkpoint left it: a cached file, or the stream. Returns it with the
     site id it accepts (None for a file)."""
@@ -67,7 +61,7 @@ def open_source(cfg: StreamdConfig, metrics: TrainerMetrics, retention: Retentio
     if path is not None:
         path = Path(path)
         start = resume.start_offsets.get(FileActivationSource.key_for(path), 0)
-        src = FileActivationSource(path, chunk_tokens=1024, dtype=dtype, loop=loop, start_row=start)
+        src = FileActivationSource(path, chunk_tokens=1024, loop=loop, start_row=start, pin_memory=device.type == "cuda")
         if t.d_in is not None and src.d_in != t.d_in:
             raise ValueError(f"{path} holds d_in {src.d_in}, trainer.d_in is {t.d_in}")
         if not loop and len(src.acts) < t.buffer_tokens + t.eval_tokens:
@@ -81,7 +75,7 @@ def open_source(cfg: StreamdConfig, metrics: TrainerMetrics, retention: Retentio
     d_in = t.d_in or (resume.state or {}).get("d_in")
     src = KafkaActivationSource(
         cfg.kafka, topic, t.group_id, metrics,
-        expected_site_id=site, d_in=d_in, queue_tokens=max(4 * t.batch_size, 65536), dtype=dtype,
+        expected_site_id=site, d_in=d_in, queue_tokens=max(4 * t.batch_size, 65536),
         start_offsets=resume.start_offsets, reread_below=resume.reread_below, pin_memory=device.type == "cuda",
         torch_threads=t.torch_threads, retention=retention,
     )
@@ -202,7 +196,7 @@ class Trainer:
         self.tokens = resume.tokens
         self._resume_state = resume.state
         retention = retention_for(cfg.kafka)
-        source, site = open_source(cfg, self.metrics, retention, resume, self.dtype, self.device, activation_file,
+        source, site = open_source(cfg, self.metrics, retention, resume, self.device, activation_file,
                                    loop_file)
         state = resume.state or {}
         self.intake = Intake(source, self.tcfg, self.metrics, self._set_up, self.stop_event,
@@ -236,7 +230,8 @@ class Trainer:
         t = self.tcfg
         buffer = ShuffleBuffer(
             t.buffer_tokens, d_in, t.batch_size, max_age=int(t.max_token_age_buffers * t.buffer_tokens),
-            dtype=self.dtype, device=self.device, generator=torch.Generator().manual_seed(t.saes[0].seed + 1),
+            dtype=self.dtype, device=self.device,
+            generator=torch.Generator(device=self.device).manual_seed(t.saes[0].seed + 1),
         )
         self.learners = {s.name: Learner(s, d_in, t, self.device) for s in t.saes}
         state = self._resume_state
