@@ -278,6 +278,8 @@ class TrainerConfig(Strict):
     dead_window_tokens: int = Field(10_000_000, ge=1)
     dense_threshold: float = Field(0.1, gt=0, le=1)
     density_window_tokens: int = Field(1_000_000, ge=1)
+    stats_window_tokens: int = Field(1_000_000, ge=1, description="FVU, MSE, L0 and loss terms are reported over "
+                                     "about this many recent tokens (whole steps), not the last batch")
     eval_every_tokens: int = Field(1_000_000, ge=1)
     eval_tokens: int = Field(8192, ge=0, description="held-out activations kept from the first messages")
     run_dir: Path = Path("runs/default")

@@ -14,6 +14,7 @@ from streamd.config import SAEConfig, TrainerConfig
 from streamd.metrics import DENSITY_BUCKETS, DENSITY_EDGES, DENSITY_STEP
 from streamd.sae import build_sae
 from streamd.sae.quality import fvu, fvu_l0
+from streamd.train.window import StatWindow, step_row, window_values
 
 
 def schedule(tokens: int, tcfg: TrainerConfig) -> tuple[float, float]:
@@ -53,7 +54,6 @@ class StepStats:
         """Every statistic as a float (one device-to-host copy, done once)."""
         if self._read is None:
             vals = dict(zip(self._keys, self._values.tolist()))
-            vals["mse"] = vals["loss_mse"]
             self._read = {**vals, **{k: v for k, v in self._host.items() if k != "tokens"}}
         return self._read
 
@@ -82,6 +82,7 @@ class Learner:
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999))
         self.autocast = trainer_cfg.autocast_bf16 and self.device.type == "cuda"
         self.sparse = trainer_cfg.sparse_step and self.sae.sparse_step  # TopK family: the sparse step
+        self.window = StatWindow(trainer_cfg.stats_window_tokens, trainer_cfg.batch_size, self.device)
         self.tokens_seen = 0
         self.steps = 0
         self.b_dec_initialized = not self.sae.init_b_dec_from_data
@@ -154,12 +155,13 @@ class Learner:
         with torch.no_grad():
             self._record_fires(out.fires, x.shape[0])
             terms = list(out.terms)
-            values = torch.stack(
-                [out.loss.detach().float(), out.l0.detach().float(), fvu(x, out.x_hat.detach()),
-                 self.dead_mask().float().mean(), self.dense_mask().float().mean()]
-                + [out.terms[k].detach().float() for k in terms]
-            )
-        keys = ("loss_total", "l0", "fvu", "dead_fraction", "dense_fraction", *(f"loss_{k}" for k in terms))
+            losses = [out.loss.detach()] + [out.terms[k].detach() for k in terms]
+            x_hat = out.x_hat.detach()
+            windowed = window_values(self.window.add(step_row(x, x_hat, out.l0.detach(), losses)), len(losses))
+            values = torch.cat([windowed.float(), torch.stack(
+                [fvu(x, x_hat), self.dead_mask().float().mean(), self.dense_mask().float().mean()])])
+        keys = ("fvu", "mse", "l0", "loss_total", *(f"loss_{k}" for k in terms), "fvu_batch", "dead_fraction",
+                "dense_fraction")
         host = {"lr": lr, "sparsity_coefficient": sparsity_scale, "step": self.steps, "tokens": self.tokens_seen}
         return StepStats(values, keys, host)
 
@@ -182,6 +184,7 @@ class Learner:
             "window_tokens": self.window_tokens,
             "last_fires": self.last_fires,
             "last_tokens": self.last_tokens,
+            "stats_window": self.window.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -192,3 +195,5 @@ class Learner:
         for name in ("since_fired", "window_fires", "last_fires"):
             setattr(self, name, state[name].to(self.device, torch.int64).clone())
         self.window_tokens, self.last_tokens = int(state["window_tokens"]), int(state["last_tokens"])
+        if "stats_window" in state:  # states of streamd 0.1 have none: the window starts empty
+            self.window.load_state_dict(state["stats_window"])

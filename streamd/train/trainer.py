@@ -22,7 +22,7 @@ import torch
 
 from streamd import __version__, wire
 from streamd.config import CheckpointConfig, StreamdConfig, TrainerConfig
-from streamd.metrics import STEP_STATS, TrainerMetrics
+from streamd.metrics import EVAL_STATS, STEP_STATS, TrainerMetrics
 from streamd.torch_utils import TORCH_DTYPES, configure_threads, resolve_device
 from streamd.run.checkpoints import CheckpointStore
 from streamd.run.history import MetricsHistory
@@ -93,9 +93,9 @@ class Progress:
         if not self.saes:
             return f"filling the shuffle buffer: {self.buffer_fill:.0%} (training starts when it is full)"
         parts = [f"tokens {self.tokens:,}", f"{self.tokens_per_second:,.0f} tok/s", f"buffer {self.buffer_fill:.0%}"]
-        shown = [s for s in STEP_STATS if s.label and s.progress]
+        shown = [s for s in (*STEP_STATS, *EVAL_STATS) if s.label and s.progress]
         for name, vals in self.saes.items():
-            parts.append(f"[{name}] " + " ".join(f"{s.label} {vals[s.key]:{s.fmt}}" for s in shown))
+            parts.append(f"[{name}] " + " ".join(f"{s.label} {vals[s.key]:{s.fmt}}" for s in shown if s.key in vals))
         return " | ".join(parts)
 
 
@@ -190,6 +190,7 @@ class Trainer:
         self.metrics.buffer_tokens.set(0)
         self.learners: dict[str, Learner] = {}
         self._last_stats: dict[str, StepStats] = {}  # the last step's, read at the progress cadence
+        self._last_eval: dict[str, dict[str, float]] = {}  # the last evaluation's, beside them
         self.trace = TraceFile(self.tcfg.trace_file)
         self.cadence: Cadence | None = None  # from run() on
         resume = read_resume(self.store)
@@ -304,7 +305,8 @@ class Trainer:
         x = self.eval_set.to(self.device, torch.float32) * self.scale
         out = {name: learner.held_out_metrics(x) for name, learner in self.learners.items()}
         for name, r in out.items():
-            self.metrics.observe_step(name, {"eval_fvu": r["fvu"], "eval_l0": r["l0"]})
+            self._last_eval[name] = {"eval_fvu": r["fvu"], "eval_l0": r["l0"]}
+            self.metrics.observe_step(name, self._last_eval[name])
         return out
 
     def _maybe_evaluate(self) -> None:
@@ -327,7 +329,7 @@ class Trainer:
     def _record(self, rate: float) -> None:
         """The progress cadence: read the last step's statistics once, then gauges, history and progress line."""
         self.metrics.tokens_per_second.set(rate)
-        stats = {name: st.read() for name, st in self._last_stats.items()}
+        stats = {name: {**st.read(), **self._last_eval.get(name, {})} for name, st in self._last_stats.items()}
         saes = {}
         for name, vals in stats.items():
             self.metrics.observe_step(name, vals)
