@@ -193,7 +193,7 @@ def drain_source(kafka: KafkaConfig, n_tokens: int, group: str) -> Phase:
     thread as fast as it can take chunks; timed from the moment its partitions are placed (group join excluded)."""
     metrics = TrainerMetrics(["x"], wire.REJECT_REASONS)
     source = KafkaActivationSource(kafka, kafka.topic, group, metrics, expected_site_id=SITE_ID, d_in=D_IN,
-                                   queue_tokens=max(4 * BATCH, 65536), dtype=torch.float32)
+                                   queue_tokens=max(4 * BATCH, 65536))
     source.start()
     try:
         if not source.assigned.wait(60):

@@ -166,7 +166,8 @@ def cmd_eval(args) -> int:
     from streamd.client.evaluate import eval_checkpoint
 
     cfg = _config(args)
-    results = eval_checkpoint(cfg, args.checkpoint, n_docs=args.docs, token_file=args.token_file, cafile=args.cafile)
+    results = eval_checkpoint(cfg, args.checkpoint, n_docs=args.docs, token_file=args.token_file, cafile=args.cafile,
+                              device=args.device)
     for name, r in results.items():
         print(name, " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in r.items()), flush=True)
     return 0
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint dir, run dir or URL")
     p.add_argument("--docs", type=int, default=64, help="held-out documents to evaluate on")
     _add_token_args(p)
+    p.add_argument("--device", default="auto", help="where the model and SAEs run (auto: a GPU when there is one)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("replay", help="publish a cached activation file (.npy/.safetensors) in the wire format")

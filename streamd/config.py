@@ -294,6 +294,8 @@ class TrainerConfig(Strict):
     batch_size: int = Field(4096, ge=1)
     device: str = "auto"
     autocast_bf16: bool = False
+    sparse_step: bool = Field(True, description="TopK-family SAEs train with the sparse step (streamd.sae.sparse); "
+                              "false: the dense autograd path it is tested against")
     saes: list[AnySAEConfig] = Field(default_factory=lambda: [SAEConfig(name="topk-k32")], min_length=1)
     warmup_tokens: int = Field(1_000_000, ge=0, description="lr and sparsity-penalty warm-up")
     max_tokens: int | None = Field(None, ge=1, description="stop after this many; enables lr decay")
@@ -302,6 +304,8 @@ class TrainerConfig(Strict):
     dead_window_tokens: int = Field(10_000_000, ge=1)
     dense_threshold: float = Field(0.1, gt=0, le=1)
     density_window_tokens: int = Field(1_000_000, ge=1)
+    stats_window_tokens: int = Field(1_000_000, ge=1, description="FVU, MSE, L0 and loss terms are reported over "
+                                     "about this many recent tokens (whole steps), not the last batch")
     eval_every_tokens: int = Field(1_000_000, ge=1)
     eval_tokens: int = Field(8192, ge=0, description="held-out activations kept from the first messages")
     run_dir: Path = Path("runs/default")

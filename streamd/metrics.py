@@ -55,11 +55,12 @@ class Stat:
 # What every training step reports for each SAE (loss terms come beside them as ``loss_<term>``).
 STEP_STATS = (
     Stat("step", "Optimizer steps taken.", "step", progress=False),
-    Stat("l0", "Mean number of active latents per token (last step).", "L0", ".1f",
-         plot="L0 (active latents per token)"),
-    Stat("fvu", "Fraction of variance unexplained by the reconstruction (last step).", "FVU", ".3f",
-         plot="fraction of variance unexplained", log_y=True),
-    Stat("mse", "Mean squared reconstruction error (last step)."),
+    Stat("l0", "Mean number of active latents per token (over trainer.stats_window_tokens recent tokens).", "L0",
+         ".1f", plot="L0 (active latents per token)"),
+    Stat("fvu", "Fraction of variance unexplained by the reconstruction (over trainer.stats_window_tokens recent "
+         "tokens).", "FVU", ".3f", plot="fraction of variance unexplained", log_y=True),
+    Stat("fvu_batch", "FVU of the last batch alone (noisy: a few massive-activation tokens decide it)."),
+    Stat("mse", "Squared reconstruction error per token (over trainer.stats_window_tokens recent tokens)."),
     Stat("dead_fraction", "Fraction of latents that did not fire in the dead window.", "dead", ".1%",
          plot="dead latent fraction"),
     Stat("dense_fraction", "Fraction of latents firing above the dense threshold."),
@@ -68,7 +69,7 @@ STEP_STATS = (
 )
 # What each evaluation on the held-out activations reports.
 EVAL_STATS = (
-    Stat("eval_fvu", "FVU on the held-out activations at the last evaluation."),
+    Stat("eval_fvu", "FVU on the held-out activations at the last evaluation.", "held-out FVU", ".3f"),
     Stat("eval_l0", "L0 on the held-out activations at the last evaluation."),
 )
 STEP_GAUGES = tuple(s.key for s in STEP_STATS)
@@ -149,8 +150,8 @@ class TrainerMetrics:
         self.per_sae = {stat.key: per_sae(stat.key, stat.help) for stat in (*STEP_STATS, *EVAL_STATS)}
         for key, gauge in self.per_sae.items():
             setattr(self, key, gauge)
-        self.loss = Gauge("loss", "Loss of the last step, by term (total, mse, sparsity, auxk).", ["sae", "term"],
-                          namespace=ns, registry=reg)
+        self.loss = Gauge("loss", "Loss by term (total, mse, sparsity, auxk), averaged over trainer.stats_window_tokens "
+                          "recent tokens.", ["sae", "term"], namespace=ns, registry=reg)
         self.feature_density = Gauge(
             "feature_density",
             "Snapshot: fraction of latents whose log10 firing density falls in bucket (lower edge) or never fired.",

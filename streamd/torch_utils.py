@@ -1,8 +1,12 @@
-"""Small torch helpers shared by producer, trainer, eval and benches: dtype names and the thread count."""
+"""Small torch helpers shared by producer, trainer, eval and benches: dtype names, the thread count, a torch call
+whose one-time warning is noise."""
 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -10,6 +14,34 @@ log = logging.getLogger(__name__)
 
 # Config dtype names (``ModelDType``) -> torch dtypes.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """A config's device: ``auto`` is CUDA when there is one, else the CPU; a CUDA device on a host without CUDA is an
+    error now (naming the setting's value), not a failure deep inside the first copy to it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N, auto): {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this host has no usable CUDA (torch {torch.__version__}, CUDA build "
+                         f"{torch.version.cuda or 'none'}); use cpu or auto")
+    if dev.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls: the SAE step's bulk
+    return dev
+
+
+def to_cpu(obj: Any) -> Any:
+    """Every tensor in a nest of dicts, lists and tuples on the CPU (saved state must load on any host)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def configure_threads(n: int | None) -> None:
@@ -21,3 +53,24 @@ def configure_threads(n: int | None) -> None:
         torch.set_num_interop_threads(n)
     except RuntimeError:  # only settable before the first parallel op; intra-op threads are what matter here
         log.debug("inter-op threads already fixed at %d", torch.get_num_interop_threads())
+
+
+class QuietOnce:
+    """``fn`` with one of torch's once-per-process warnings silenced, scoped to the call (no process-wide filter).
+
+    After the first call the plain function runs: torch has issued its warning by then, and entering
+    ``catch_warnings`` on every call would reset every module's warning registry (re-showing other "once"
+    warnings) and is not thread-safe.
+    """
+
+    def __init__(self, fn: Callable[..., Any], message: str) -> None:
+        self.fn, self.message, self.quiet = fn, message, False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.quiet:
+            return self.fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=self.message, category=UserWarning)
+            out = self.fn(*args, **kwargs)
+        self.quiet = True
+        return out

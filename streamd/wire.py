@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import math
 import struct
-import warnings
 from dataclasses import dataclass
 
 import torch
+
+from streamd.torch_utils import QuietOnce
 
 MAGIC = b"SDA1"
 VERSION = 1
@@ -41,26 +42,8 @@ FLAG_TOKEN_IDS = 1
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
-_NOT_WRITABLE = "The given buffer is not writable"
-_frombuffer_quiet = False  # set once a frombuffer call ran with the warning silenced (see _view)
-
-
-def _view(buf: memoryview, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
-    """``torch.frombuffer`` without its "not writable" warning: Kafka hands us immutable bytes and the views we make
-    are only read, so the warning is noise.
-
-    The filter is scoped to the call (no process-wide ``filterwarnings``). Torch issues that warning once per
-    process, so after the first silenced call the plain call is used: entering ``catch_warnings`` per message would
-    reset every module's warning registry (re-showing other "once" warnings) and is not thread-safe.
-    """
-    global _frombuffer_quiet
-    if _frombuffer_quiet:
-        return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
-    _frombuffer_quiet = True
-    return t
+# Kafka hands us immutable bytes and the views made of them are only read: the "not writable" warning is noise.
+_frombuffer = QuietOnce(torch.frombuffer, "The given buffer is not writable")
 
 
 class WireError(ValueError):
@@ -178,11 +161,11 @@ def decode(data: bytes | bytearray | memoryview, *, check_finite: bool = True) -
         producer_id = bytes(buf[HEADER_SIZE : HEADER_SIZE + pid_len]).decode()
     except UnicodeDecodeError as e:
         raise WireError(f"producer id is not UTF-8: {e}") from None
-    acts = _view(buf, dtype, n * d, pos).view(n, d)
+    acts = _frombuffer(buf, dtype=dtype, count=n * d, offset=pos).view(n, d)
     # One sum finds any NaN or inf (they carry through, and no finite payload can overflow the accumulator):
     # several times faster than isfinite().all(), half of the ingestion thread's time otherwise.
     acc = torch.float32 if dtype == torch.float16 else torch.float64
     if check_finite and not math.isfinite(float(acts.sum(dtype=acc))):
         raise NonFinite(f"message {producer_id}#{seq} holds non-finite activations")
-    token_ids = _view(buf, torch.int32, n, ids_at) if flags & FLAG_TOKEN_IDS else None
+    token_ids = _frombuffer(buf, dtype=torch.int32, count=n, offset=ids_at) if flags & FLAG_TOKEN_IDS else None
     return ActivationMessage(producer_id=producer_id, seq=seq, site_id=site, acts=acts, token_ids=token_ids)

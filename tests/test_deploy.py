@@ -153,13 +153,17 @@ def test_gpu_override_reserves_gpus_for_streamd_services():
         svc = merged[name]
         (dev,) = svc["deploy"]["resources"]["reservations"]["devices"]
         assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
-        # 1.29 accepts only a literal integer or "all" here when it starts containers (config -q does not check).
-        assert isinstance(dev["count"], int) or dev["count"] == "all"
+        # one GPU by id per service (not ``count``: every service would take the same first GPU)
+        assert "count" not in dev and len(dev["device_ids"]) == 1 and isinstance(dev["device_ids"][0], str)
         assert svc["image"] != compose(BASE)["services"][name]["image"]
     build = merged["trainer"]["build"]  # the one service that builds the image (see test_the_image_is_built_once)
     assert "cu" in build["args"]["TORCH_INDEX"] and build["dockerfile"] == "deploy/Dockerfile"
     assert merged["trainer"]["environment"]["STREAMD_TRAINER__DEVICE"] == "cuda"
     assert merged["producer"]["environment"]["STREAMD_PRODUCER__DEVICE"] == "cuda"
+    gpus = {name: merged[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for name in
+            STREAMD_SERVICES}
+    assert gpus["trainer"] != gpus["producer"]  # by default the trainer has a GPU of its own
+    assert merged["producer"]["environment"]["STREAMD_PRODUCER__WIRE_DTYPE"] == "bfloat16"  # no fp16 overflow
 
 
 @pytest.mark.parametrize("files", [[BASE], [BASE, GPU]], ids=["base", "base+gpu"])

@@ -39,6 +39,7 @@ class FloorTopKConfig(TopKConfig):
 
 class FloorTopKSAE(TopKSAE):  # type: ignore[misc, valid-type]
     cfg: FloorTopKConfig
+    sparse_step = False  # the floor changes the selection: the dense path
 
     def topk(self, pre: Tensor) -> Tensor:
         f = super().topk(pre)
@@ -47,7 +48,7 @@ class FloorTopKSAE(TopKSAE):  # type: ignore[misc, valid-type]
     def loss(self, x: Tensor, sparsity_scale: float, dead_mask: Tensor | None = None) -> LossOut:
         out = super().loss(x, sparsity_scale, dead_mask)
         # per token, how many of the k slots the floor emptied (reported, not optimised)
-        out.terms["below_floor"] = (min(self.cfg.k, self.d_sae) - (out.feats > 0).sum(-1)).float().mean()
+        out.terms["below_floor"] = min(self.cfg.k, self.d_sae) - out.l0
         return out
 
     def saelens_cfg(self) -> dict:

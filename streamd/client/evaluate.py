@@ -23,7 +23,7 @@ from streamd.identity import site_id_hex
 from streamd.produce.capture import ActivationCapture, first_tensor, site_module
 from streamd.produce.model import LoadedModel, load_frozen_model
 from streamd.produce.packing import pack_documents
-from streamd.torch_utils import configure_threads
+from streamd.torch_utils import configure_threads, resolve_device
 from streamd.client import locate
 from streamd.client.load import load_sae
 from streamd.client.pull import resolve_token
@@ -142,16 +142,16 @@ def _site_activations(loaded: LoadedModel, site: SiteSpec, texts: list[str], con
 def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
                     skip_docs: int = EVAL_SKIP_DOCS, *, token: str | None = None,
                     token_file: str | Path | None = None, cafile: str | Path | None = None,
-                    ) -> dict[str, dict[str, float]]:
+                    device: str = "auto") -> dict[str, dict[str, float]]:
     """Per SAE of a checkpoint: ce_clean, ce_sae, ce_zero, kl_sae, ce_loss_score, n_tokens, and fvu / l0 on the
     same held-out activations.
 
     ``checkpoint`` is an SAE, checkpoint or run directory, a ``checkpoints/latest`` file, or a trainer's URL (the
     whole latest checkpoint is pulled into the ``load_sae`` cache with the token ``token``, else ``token_file``'s,
     else ``$STREAMD_CHECKPOINT_TOKEN``, else ``metrics.checkpoint_token``); see
-    :mod:`streamd.client.locate`. The model comes from ``cfg.producer``
-    (model_path, dtype, device, context_length, batch_size); the site from each SAE's ``hook_name``; the text from
-    :func:`held_out_texts`.
+    :mod:`streamd.client.locate`. The model comes from ``cfg.producer`` (model_path, dtype, context_length,
+    batch_size) and runs on ``device`` (``auto``: a GPU when there is one; not ``producer.device``: an evaluation is
+    not a producer); the site from each SAE's ``hook_name``; the text from :func:`held_out_texts`.
     """
     if locate.is_url(checkpoint):
         own = cfg.metrics.checkpoint_token
@@ -160,13 +160,14 @@ def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
     sae_dirs, manifest = found.saes, found.manifest
     p = cfg.producer
     configure_threads(p.torch_threads)
-    loaded = load_frozen_model(p.model_path, p.dtype, p.device)
+    dev = resolve_device(device)
+    loaded = load_frozen_model(p.model_path, p.dtype, dev)
     texts = held_out_texts(cfg, n_docs, skip_docs)
     acts: dict[tuple[str, int], Tensor] = {}
     out = {}
     for name, sae_dir in sae_dirs.items():
         site = _site_of(sae_dir)
-        sae = load_sae(sae_dir).to(p.device)
+        sae = load_sae(sae_dir).to(dev)
         if sae.d_in != loaded.d_model:
             raise ValueError(f"SAE {name} has d_in {sae.d_in}, the model's d_model is {loaded.d_model}")
         trained_on = manifest.get("site_id")

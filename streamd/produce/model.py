@@ -74,7 +74,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_frozen_model(path: str | Path | None, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_frozen_model(path: str | Path | None, dtype: str = "float32", device: str | torch.device = "cpu") -> LoadedModel:
     """Load a causal LM for inference only (eval mode, no grads) from an HF directory, a .gguf, or the default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

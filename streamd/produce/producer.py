@@ -27,7 +27,7 @@ from streamd.identity import site_id
 from streamd.produce.capture import ActivationCapture
 from streamd.produce.model import LoadedModel, load_frozen_model
 from streamd.produce.packing import pack_documents
-from streamd.torch_utils import TORCH_DTYPES, configure_threads
+from streamd.torch_utils import TORCH_DTYPES, configure_threads, resolve_device
 from streamd.produce.text import iter_source
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,8 @@ class ActivationProducer:
     def __init__(self, cfg: StreamdConfig, loaded: LoadedModel | None = None) -> None:
         self.cfg, self.pcfg = cfg, cfg.producer
         configure_threads(self.pcfg.torch_threads)
-        self.loaded = loaded or load_frozen_model(self.pcfg.model_path, self.pcfg.dtype, self.pcfg.device)
+        self.device = resolve_device(self.pcfg.device)
+        self.loaded = loaded or load_frozen_model(self.pcfg.model_path, self.pcfg.dtype, self.device)
         self.metrics = ProducerMetrics(self.pcfg.producer_id)
         self.wire_dtype = TORCH_DTYPES[self.pcfg.wire_dtype]
         self.topics = {(s.site, s.layer): s.topic or cfg.kafka.topic for s in self.pcfg.sites}
@@ -217,15 +218,17 @@ class ActivationProducer:
                     if self.stop_event.is_set() or not self._wait_for_trainer():
                         break
                     topics = self._current_topics(pub)
-                    ids = torch.stack([w.input_ids for w in batch]).to(p.device)
+                    host_ids = torch.stack([w.input_ids for w in batch])
                     keep = torch.stack([w.keep_mask for w in batch])
+                    keep_dev = keep.to(self.device, non_blocking=True)
                     t0 = time.monotonic()
                     with torch.inference_mode():
-                        acts = capture.capture(ids)
+                        acts = capture.capture(host_ids.to(self.device, non_blocking=True))
                     self.metrics.forward_seconds.observe(time.monotonic() - t0)
-                    flat_ids = ids.cpu()[keep]
+                    flat_ids = host_ids[keep]
                     for (site, layer), a in acts.items():
-                        rows = a.detach().to("cpu")[keep].to(self.wire_dtype)
+                        # select and convert where the model runs: only published tokens, at the wire dtype, cross
+                        rows = a.detach()[keep_dev].to(self.wire_dtype).cpu()
                         self._publish(pub, key, topics[(site, layer)], self.site_ids[(site, layer)], rows, flat_ids)
                     self.tokens += int(keep.sum())
                     if p.max_tokens is not None and self.tokens >= p.max_tokens:

@@ -19,12 +19,22 @@ from streamd.config import SAEConfig
 
 @dataclass
 class LossOut:
-    """One training forward pass: the loss to minimise, its scalar parts, and what the learner's statistics need."""
+    """One training forward pass: the loss to minimise, its scalar parts, and what the learner's statistics need.
+
+    A dense pass gives ``feats``; a sparse one gives ``fires`` and ``l0`` directly and no ``feats``.
+    """
 
     loss: Tensor
     terms: dict[str, Tensor]
-    feats: Tensor  # [B, d_sae] activations used for the reconstruction
+    feats: Tensor | None  # [B, d_sae] activations used for the reconstruction (dense passes)
     x_hat: Tensor
+    fires: Tensor | None = None  # [d_sae] tokens each latent fired on in this batch
+    l0: Tensor | None = None  # mean active latents per token (0-d)
+
+    def __post_init__(self) -> None:
+        if self.fires is None:
+            active = self.feats.detach() > 0
+            self.fires, self.l0 = active.sum(0), active.sum(-1).float().mean()
 
 
 def geometric_median(x: Tensor, iters: int = 20, eps: float = 1e-8) -> Tensor:
@@ -35,6 +45,13 @@ def geometric_median(x: Tensor, iters: int = 20, eps: float = 1e-8) -> Tensor:
         w = 1.0 / (x - m).norm(dim=-1).clamp_min(eps)
         m = (w[:, None] * x).sum(0) / w.sum()
     return m
+
+
+def pre_activations(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    """``(x - b_dec) @ W_enc + b_enc``; for a batch ``[B, d]`` one fused ``addmm`` (the dense and the sparse step
+    share it, so they select the same latents bit for bit)."""
+    xc = x - b_dec
+    return torch.addmm(b_enc, xc, w_enc) if xc.dim() == 2 else xc @ w_enc + b_enc
 
 
 def sum_sq(err: Tensor) -> Tensor:
@@ -51,6 +68,7 @@ class SAE(nn.Module, ABC):
     decoder_init_norm: float = 1.0
     unit_norm_decoder: bool = True  # rows of W_dec kept at norm 1 (gradient projection + renormalisation)
     init_b_dec_from_data: bool = False  # the learner calls init_b_dec on the first batch
+    sparse_step: bool = False  # implements sparse_loss (the learner then uses it unless trainer.sparse_step is off)
 
     def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None):
         super().__init__()
@@ -67,7 +85,7 @@ class SAE(nn.Module, ABC):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
 
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
@@ -83,6 +101,10 @@ class SAE(nn.Module, ABC):
     def loss(self, x: Tensor, sparsity_scale: float, dead_mask: Tensor | None = None) -> LossOut:
         """Training loss on a batch. ``sparsity_scale`` in [0, 1] is the penalty warm-up; ``dead_mask`` [d_sae]
         marks latents the learner considers dead (used by AuxK; ignored elsewhere)."""
+
+    def sparse_loss(self, x: Tensor, sparsity_scale: float, dead_mask: Tensor | None = None) -> LossOut:
+        """The same loss and gradients as :meth:`loss`, computed on the active latents only (``sparse_step``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse step")
 
     @torch.no_grad()
     def init_b_dec(self, sample: Tensor) -> None:

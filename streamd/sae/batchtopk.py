@@ -38,6 +38,7 @@ def _module() -> type[SAE]:
 
     class BatchTopKSAE(topk.TopKConfig.module()):  # type: ignore[misc]
         cfg: BatchTopKConfig
+        batch_topk = True
 
         def __init__(self, cfg: BatchTopKConfig, d_in: int, generator: torch.Generator | None = None):
             super().__init__(cfg, d_in, generator)
@@ -59,14 +60,16 @@ def _module() -> type[SAE]:
 
         @torch.no_grad()
         def update_threshold(self, kept: Tensor) -> None:
-            pos = kept[kept > 0]
-            if pos.numel() == 0:
-                return
-            m = pos.min().to(torch.float64)
+            """EMA of the smallest positive kept value, computed on the device (no host round trip)."""
+            m = torch.where(kept > 0, kept, float("inf")).min().to(torch.float64)
+            seen = torch.isfinite(m)  # a batch with no positive value leaves the threshold as it is
             # the first batch sets it outright, so inference is usable from the start rather than after ~100 steps
             ema = (1 - THRESHOLD_EMA) * self.threshold + THRESHOLD_EMA * m
-            self.threshold.copy_(torch.where(self.threshold_set, ema, m))
-            self.threshold_set.fill_(True)
+            new = torch.where(self.threshold_set, ema, m)
+            self.threshold.copy_(torch.where(seen, new, self.threshold))
+            self.threshold_set.logical_or_(seen)
+
+        after_selection = update_threshold
 
         saelens_cfg = SAE.saelens_cfg  # exported as jumprelu: TopK's k does not apply
 

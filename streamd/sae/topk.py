@@ -46,10 +46,13 @@ def _module() -> type[SAE]:
     from torch import Tensor
 
     from streamd.sae.base import SAE, LossOut, sum_sq
+    from streamd.sae.sparse import SparseTopKLoss
 
     class TopKSAE(SAE):
         cfg: TopKConfig
         init_b_dec_from_data = True
+        sparse_step = True  # a subclass that changes the selection (topk / train_acts) must set this False
+        batch_topk = False  # the sparse step's selection: per token (TopK) or over the batch (BatchTopK)
 
         def encode(self, x: Tensor) -> Tensor:
             return self.topk(self.pre_acts(x))
@@ -70,6 +73,19 @@ def _module() -> type[SAE]:
             auxk = self.auxk_loss(pre, (x - x_hat).detach(), dead_mask)
             terms = {"mse": mse, "auxk": auxk}
             return LossOut(mse + self.cfg.aux_coefficient * auxk, terms, f, x_hat)
+
+        def sparse_loss(self, x: Tensor, sparsity_scale: float, dead_mask: Tensor | None = None) -> LossOut:
+            aux_k = self.cfg.aux_k or self.d_in // 2
+            # a tensor, not a float: no device-to-host copy of the dead count (see streamd.sae.sparse)
+            aux_scale = (x.new_zeros(()) if dead_mask is None else dead_mask.sum().to(x.dtype) / aux_k).clamp(max=1.0)
+            loss, mse, auxk, x_hat, fires, l0, kept = SparseTopKLoss.apply(
+                x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, dead_mask, self.cfg.k, self.batch_topk, aux_k,
+                self.cfg.aux_coefficient, aux_scale)
+            self.after_selection(kept)
+            return LossOut(loss, {"mse": mse, "auxk": auxk}, None, x_hat, fires, l0)
+
+        def after_selection(self, kept: Tensor) -> None:
+            """The ReLU'd values the sparse step selected (BatchTopK learns its threshold from them)."""
 
         def auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
             n_dead = 0 if dead_mask is None else int(dead_mask.sum())

@@ -6,11 +6,18 @@ name, per partition, the lowest offset whose tokens are not all trained yet: eve
 resume and nothing is lost. Random replacement alone lets a few tokens linger for ever, which would pin that offset;
 a token older than ``max_age`` ingested tokens is therefore served with the next batch. With ``max_age`` = 8 buffer
 fulls that touches about e^-8 = 0.03% of tokens, too few to correlate a batch, and it bounds re-reads after a resume.
+
+Data, bookkeeping and the sampling generator live on the buffer's device, and a draw is one ``rand`` and one
+``topk`` there (overdue slots get keys below every random one): on a GPU a step never waits for the host.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ShuffleBuffer:
@@ -30,15 +37,19 @@ class ShuffleBuffer:
         self.capacity, self.d_in, self.batch_size, self.max_age = capacity, d_in, batch_size, max_age
         self.device = torch.device(device)
         self.data = torch.empty(capacity, d_in, dtype=dtype, device=self.device)
-        # Bookkeeping stays on the host: it is only read at checkpoints and for the age rule.
-        self.source = torch.full((capacity,), -1, dtype=torch.int32)
-        self.offset = torch.zeros(capacity, dtype=torch.int64)
-        self.arrival = torch.zeros(capacity, dtype=torch.int64)
+        dev = self.device
+        self.source = torch.full((capacity,), -1, dtype=torch.int32, device=dev)
+        self.offset = torch.zeros(capacity, dtype=torch.int64, device=dev)
+        self.arrival = torch.zeros(capacity, dtype=torch.int64, device=dev)
         self.ingested = 0  # tokens ever added
         self.served = 0  # tokens ever sampled
-        self._free = torch.arange(capacity)  # slots to fill next, in order
+        self._free = torch.arange(capacity, device=dev)  # slots to fill next, in order
         self._next_free = 0
-        self._gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        seed = 0 if generator is None else generator.initial_seed()
+        if generator is not None and generator.device == dev:
+            self._gen = generator
+        else:
+            self._gen = torch.Generator(device=dev).manual_seed(seed)
 
     @property
     def rng_state(self) -> torch.Tensor:
@@ -47,7 +58,11 @@ class ShuffleBuffer:
 
     @rng_state.setter
     def rng_state(self, state: torch.Tensor) -> None:
-        self._gen.set_state(state)
+        try:
+            self._gen.set_state(state)
+        except (RuntimeError, ValueError) as e:  # saved by a buffer on another kind of device
+            log.warning("the saved sampling state does not fit a %s generator (%s): batches are drawn afresh",
+                        self.device.type, e)
 
     @property
     def free_slots(self) -> int:
@@ -70,10 +85,11 @@ class ShuffleBuffer:
             return 0
         slots = self._free[self._next_free : self._next_free + k]
         self._next_free += k
-        self.data[slots.to(self.device)] = acts[:k].to(self.device, self.data.dtype, non_blocking=True)
+        # copy at the source's dtype (fp16 from the wire: half the bytes), convert on the device
+        self.data[slots] = acts[:k].to(self.device, non_blocking=True).to(self.data.dtype)
         self.source[slots] = source
         self.offset[slots] = offset
-        self.arrival[slots] = self.ingested + torch.arange(k)
+        self.arrival[slots] = self.ingested + torch.arange(k, device=self.device)
         self.ingested += k
         return k
 
@@ -82,14 +98,11 @@ class ShuffleBuffer:
         if not self.full:
             raise RuntimeError("the shuffle buffer must be full before sampling")
         b = self.batch_size
-        overdue = (self.arrival < self.ingested - self.max_age).nonzero().flatten()[:b]
-        pick = torch.randperm(self.capacity, generator=self._gen)
-        if len(overdue):
-            taken = torch.zeros(self.capacity, dtype=torch.bool)
-            taken[overdue] = True
-            pick = torch.cat([overdue, pick[~taken[pick]]])
-        slots = pick[:b]
-        batch = self.data[slots.to(self.device)].float()
+        # a uniform random subset of b slots, overdue ones first: their keys lie in [-2, -1), the others in [0, 1)
+        keys = torch.rand(self.capacity, generator=self._gen, device=self.device)
+        keys -= 2.0 * (self.arrival < self.ingested - self.max_age)
+        slots = keys.topk(b, largest=False, sorted=False).indices
+        batch = self.data[slots].float()
         self.last_origins = (self.source[slots].clone(), self.offset[slots].clone())
         self.source[slots] = -1
         self._free, self._next_free = slots, 0

@@ -21,6 +21,7 @@ from streamd.config import StreamdConfig
 from streamd.metrics import TrainerMetrics
 from streamd.run.checkpoints import CheckpointError, CheckpointStore, SAEExport
 from streamd.stream.retention import Retention
+from streamd.torch_utils import to_cpu
 from streamd.train.learner import Learner
 from streamd.train.source import SourceKey
 
@@ -66,11 +67,11 @@ class Checkpointer:
         for (topic, part), off in offsets.items():
             nested.setdefault(topic, {})[part] = off
         scale = intake.scale
-        state = {
+        state = to_cpu({
             "tokens": tokens, "scale": scale, "eval_set": intake.eval_set, "d_in": intake.buffer.d_in,
             "buffer_rng": intake.buffer.rng_state, "positions": [(list(k), v) for k, v in positions.items()],
             "learners": {n: lr.state_dict() for n, lr in learners.items()},
-        }
+        })
         exports = [
             SAEExport(name, lr.sae.saelens_cfg(), lr.sae.export_tensors(scale), lr.density().clamp_min(1e-10).log10())
             for name, lr in learners.items()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from streamd.train.source import Chunk, SourceKey
+from streamd.train.source import Chunk, SourceKey, staged
 
 
 class FileActivationSource:
@@ -16,9 +16,9 @@ class FileActivationSource:
     The offset is the row index, so resume works as for Kafka; ``loop`` restarts at row 0 when the file ends.
     """
 
-    def __init__(self, path: Path, chunk_tokens: int, dtype: torch.dtype = torch.float32, loop: bool = False,
-                 start_row: int = 0) -> None:
-        self.path, self.chunk_tokens, self.dtype, self.loop = Path(path), chunk_tokens, dtype, loop
+    def __init__(self, path: Path, chunk_tokens: int, loop: bool = False, start_row: int = 0,
+                 pin_memory: bool = False) -> None:
+        self.path, self.chunk_tokens, self.loop, self.pin_memory = Path(path), chunk_tokens, loop, pin_memory
         self.acts = load_activation_file(self.path)
         self.key = self.key_for(self.path)
         self._row = 0 if loop and start_row >= len(self.acts) else start_row  # a finished run stays finished
@@ -44,7 +44,8 @@ class FileActivationSource:
             self._row = 0
         lo, hi = self._row, min(self._row + self.chunk_tokens, len(self.acts))
         self._row = hi
-        return Chunk(self.acts[lo:hi].to(self.dtype), self.key, lo, self.path.name, lo // self.chunk_tokens)
+        chunk = staged(self.acts[lo:hi], self.pin_memory)
+        return Chunk(chunk, self.key, lo, self.path.name, lo // self.chunk_tokens)
 
     def positions(self) -> dict[SourceKey, int]:
         return {self.key: self._row}

@@ -21,7 +21,7 @@ from streamd.config import KafkaConfig
 from streamd.metrics import TrainerMetrics
 from streamd.stream.kafka import make_consumer
 from streamd.stream.retention import Retention, retention_for
-from streamd.train.source import Chunk, SourceKey, TokenQueue
+from streamd.train.source import Chunk, SourceKey, TokenQueue, staged
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ class KafkaActivationSource:
         expected_site_id: int | None,
         d_in: int | None,
         queue_tokens: int,
-        dtype: torch.dtype = torch.float32,
         start_offsets: dict[SourceKey, int] | None = None,
         reread_below: dict[SourceKey, int] | None = None,
         pin_memory: bool = False,
@@ -54,7 +53,7 @@ class KafkaActivationSource:
         self.retention = retention or retention_for(kafka, group_id)
         metrics.consumer_group.labels(group=group_id).set(1)
         self.expected_site_id, self.d_in = expected_site_id, d_in
-        self.dtype, self.pin_memory, self.torch_threads = dtype, pin_memory, torch_threads
+        self.pin_memory, self.torch_threads = pin_memory, torch_threads
         self.start_offsets = dict(start_offsets or {})
         self.reread_below = dict(reread_below or {})
         self.queue = TokenQueue(queue_tokens)
@@ -162,9 +161,7 @@ class KafkaActivationSource:
             self.metrics.duplicates_reread.inc()
         if tp.topic in self._recreated:
             self.metrics.late_messages.inc()
-        acts = msg.acts.to(self.dtype, copy=True)
-        if self.pin_memory:
-            acts = acts.pin_memory()
+        acts = staged(msg.acts, self.pin_memory)  # owned: Kafka's bytes are not kept
         self.metrics.tokens_consumed.labels(producer=msg.producer_id).inc(msg.n_tokens)
         last = max(self._last_seq.get(msg.producer_id, msg.seq), msg.seq)
         self._last_seq[msg.producer_id] = last

@@ -14,6 +14,7 @@ from streamd.config import SAEConfig, TrainerConfig
 from streamd.metrics import DENSITY_BUCKETS, DENSITY_EDGES, DENSITY_STEP
 from streamd.sae import build_sae
 from streamd.sae.quality import fvu, fvu_l0
+from streamd.train.window import StatWindow, step_row, window_values
 
 
 def schedule(tokens: int, tcfg: TrainerConfig) -> tuple[float, float]:
@@ -53,7 +54,6 @@ class StepStats:
         """Every statistic as a float (one device-to-host copy, done once)."""
         if self._read is None:
             vals = dict(zip(self._keys, self._values.tolist()))
-            vals["mse"] = vals["loss_mse"]
             self._read = {**vals, **{k: v for k, v in self._host.items() if k != "tokens"}}
         return self._read
 
@@ -81,6 +81,8 @@ class Learner:
         self.base_lr = cfg.learning_rate(d_in)  # lr, else the architecture's default_lr
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999))
         self.autocast = trainer_cfg.autocast_bf16 and self.device.type == "cuda"
+        self.sparse = trainer_cfg.sparse_step and self.sae.sparse_step  # TopK family: the sparse step
+        self.window = StatWindow(trainer_cfg.stats_window_tokens, trainer_cfg.batch_size, self.device)
         self.tokens_seen = 0
         self.steps = 0
         self.b_dec_initialized = not self.sae.init_b_dec_from_data
@@ -117,9 +119,9 @@ class Learner:
         return {label: c / n for label, c in zip(DENSITY_BUCKETS, counts)}
 
     @torch.no_grad()
-    def _record_fires(self, feats: Tensor) -> None:
-        b = feats.shape[0]
-        fires = (feats > 0).sum(0)
+    def _record_fires(self, fires: Tensor, b: int) -> None:
+        """``fires`` [d_sae]: tokens of this batch (of ``b``) each latent fired on."""
+        fires = fires.to(torch.int64)
         self.since_fired += b
         self.since_fired.masked_fill_(fires > 0, 0)  # no boolean indexing: it would sync a CUDA step
         self.window_fires += fires
@@ -139,8 +141,9 @@ class Learner:
         lr = self.base_lr * lr_mult
         for group in self.opt.param_groups:
             group["lr"] = lr
+        loss_fn = self.sae.sparse_loss if self.sparse else self.sae.loss
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.sae.loss(x, sparsity_scale, self.dead_mask())
+            out = loss_fn(x, sparsity_scale, self.dead_mask())
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.sae.before_optimizer_step()
@@ -150,15 +153,15 @@ class Learner:
         self.tokens_seen += x.shape[0]
         self.steps += 1
         with torch.no_grad():
-            feats = out.feats.detach()
-            self._record_fires(feats)
+            self._record_fires(out.fires, x.shape[0])
             terms = list(out.terms)
-            values = torch.stack(
-                [out.loss.detach().float(), (feats > 0).sum(-1).float().mean(), fvu(x, out.x_hat.detach()),
-                 self.dead_mask().float().mean(), self.dense_mask().float().mean()]
-                + [out.terms[k].detach().float() for k in terms]
-            )
-        keys = ("loss_total", "l0", "fvu", "dead_fraction", "dense_fraction", *(f"loss_{k}" for k in terms))
+            losses = [out.loss.detach()] + [out.terms[k].detach() for k in terms]
+            x_hat = out.x_hat.detach()
+            windowed = window_values(self.window.add(step_row(x, x_hat, out.l0.detach(), losses)), len(losses))
+            values = torch.cat([windowed.float(), torch.stack(
+                [fvu(x, x_hat), self.dead_mask().float().mean(), self.dense_mask().float().mean()])])
+        keys = ("fvu", "mse", "l0", "loss_total", *(f"loss_{k}" for k in terms), "fvu_batch", "dead_fraction",
+                "dense_fraction")
         host = {"lr": lr, "sparsity_coefficient": sparsity_scale, "step": self.steps, "tokens": self.tokens_seen}
         return StepStats(values, keys, host)
 
@@ -181,6 +184,7 @@ class Learner:
             "window_tokens": self.window_tokens,
             "last_fires": self.last_fires,
             "last_tokens": self.last_tokens,
+            "stats_window": self.window.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -191,3 +195,5 @@ class Learner:
         for name in ("since_fired", "window_fires", "last_fires"):
             setattr(self, name, state[name].to(self.device, torch.int64).clone())
         self.window_tokens, self.last_tokens = int(state["window_tokens"]), int(state["last_tokens"])
+        if "stats_window" in state:  # states of streamd 0.1 have none: the window starts empty
+            self.window.load_state_dict(state["stats_window"])

@@ -19,11 +19,18 @@ SourceKey = tuple[str, int]  # (topic or file, partition)
 
 @dataclass
 class Chunk:
-    acts: torch.Tensor  # [n, d] in the buffer dtype, owned (not a view on Kafka's bytes)
+    acts: torch.Tensor  # [n, d] as it arrived (fp16 from the wire), owned; the buffer converts on its device
     key: SourceKey
     offset: int
     producer_id: str
     seq: int
+
+
+def staged(acts: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    """One owned host copy at the arriving dtype; page-locked for a GPU trainer, so the buffer's copy to the device
+    is asynchronous and moves the wire's bytes (fp16: half of fp32), converted there."""
+    out = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=pin_memory)
+    return out.copy_(acts)
 
 
 class ActivationSource(Protocol):

@@ -23,8 +23,8 @@ import torch
 from streamd import __version__, wire
 from streamd.config import CheckpointConfig, StreamdConfig, TrainerConfig
 from streamd.identity import run_group_id
-from streamd.metrics import STEP_STATS, TrainerMetrics
-from streamd.torch_utils import TORCH_DTYPES, configure_threads
+from streamd.metrics import EVAL_STATS, STEP_STATS, TrainerMetrics
+from streamd.torch_utils import TORCH_DTYPES, configure_threads, resolve_device
 from streamd.run.checkpoints import CheckpointStore
 from streamd.run.history import MetricsHistory
 from streamd.run.lock import RunLock, RunLockedError
@@ -43,12 +43,6 @@ __all__ = ["Progress", "RunLockedError", "Trainer", "expected_site_id", "resolve
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def expected_site_id(cfg: StreamdConfig) -> int:
     """The site the trainer accepts: given as hex, or computed from the model's content hash and the site."""
     if cfg.trainer.site_id is not None:
@@ -60,7 +54,7 @@ def expected_site_id(cfg: StreamdConfig) -> int:
 
 
 def open_source(cfg: StreamdConfig, metrics: TrainerMetrics, retention: Retention, resume: Resume,
-                dtype: torch.dtype, device: torch.device, path: Path | None = None,
+                device: torch.device, path: Path | None = None,
                 loop: bool = False) -> tuple[ActivationSource, int | None]:
     """The run's source, placed where the checkpoint left it: a cached file, or the stream. Returns it with the
     site id it accepts (None for a file)."""
@@ -68,7 +62,7 @@ def open_source(cfg: StreamdConfig, metrics: TrainerMetrics, retention: Retentio
     if path is not None:
         path = Path(path)
         start = resume.start_offsets.get(FileActivationSource.key_for(path), 0)
-        src = FileActivationSource(path, chunk_tokens=1024, dtype=dtype, loop=loop, start_row=start)
+        src = FileActivationSource(path, chunk_tokens=1024, loop=loop, start_row=start, pin_memory=device.type == "cuda")
         if t.d_in is not None and src.d_in != t.d_in:
             raise ValueError(f"{path} holds d_in {src.d_in}, trainer.d_in is {t.d_in}")
         if not loop and len(src.acts) < t.buffer_tokens + t.eval_tokens:
@@ -82,7 +76,7 @@ def open_source(cfg: StreamdConfig, metrics: TrainerMetrics, retention: Retentio
     d_in = t.d_in or (resume.state or {}).get("d_in")
     src = KafkaActivationSource(
         cfg.kafka, topic, t.group_id, metrics,
-        expected_site_id=site, d_in=d_in, queue_tokens=max(4 * t.batch_size, 65536), dtype=dtype,
+        expected_site_id=site, d_in=d_in, queue_tokens=max(4 * t.batch_size, 65536),
         start_offsets=resume.start_offsets, reread_below=resume.reread_below, pin_memory=device.type == "cuda",
         torch_threads=t.torch_threads, retention=retention,
     )
@@ -100,9 +94,9 @@ class Progress:
         if not self.saes:
             return f"filling the shuffle buffer: {self.buffer_fill:.0%} (training starts when it is full)"
         parts = [f"tokens {self.tokens:,}", f"{self.tokens_per_second:,.0f} tok/s", f"buffer {self.buffer_fill:.0%}"]
-        shown = [s for s in STEP_STATS if s.label and s.progress]
+        shown = [s for s in (*STEP_STATS, *EVAL_STATS) if s.label and s.progress]
         for name, vals in self.saes.items():
-            parts.append(f"[{name}] " + " ".join(f"{s.label} {vals[s.key]:{s.fmt}}" for s in shown))
+            parts.append(f"[{name}] " + " ".join(f"{s.label} {vals[s.key]:{s.fmt}}" for s in shown if s.key in vals))
         return " | ".join(parts)
 
 
@@ -197,6 +191,7 @@ class Trainer:
         self.metrics.buffer_tokens.set(0)
         self.learners: dict[str, Learner] = {}
         self._last_stats: dict[str, StepStats] = {}  # the last step's, read at the progress cadence
+        self._last_eval: dict[str, dict[str, float]] = {}  # the last evaluation's, beside them
         self.trace = TraceFile(self.tcfg.trace_file)
         self.cadence: Cadence | None = None  # from run() on
         resume = read_resume(self.store)
@@ -204,7 +199,7 @@ class Trainer:
         self._resume_state = resume.state
         self.tcfg.group_id = run_group_id(self.tcfg.run_dir, self.tcfg.group_id)  # recorded in the run directory
         retention = retention_for(cfg.kafka, self.tcfg.group_id)
-        source, site = open_source(cfg, self.metrics, retention, resume, self.dtype, self.device, activation_file,
+        source, site = open_source(cfg, self.metrics, retention, resume, self.device, activation_file,
                                    loop_file)
         state = resume.state or {}
         self.intake = Intake(source, self.tcfg, self.metrics, self._set_up, self.stop_event,
@@ -238,7 +233,8 @@ class Trainer:
         t = self.tcfg
         buffer = ShuffleBuffer(
             t.buffer_tokens, d_in, t.batch_size, max_age=int(t.max_token_age_buffers * t.buffer_tokens),
-            dtype=self.dtype, device=self.device, generator=torch.Generator().manual_seed(t.saes[0].seed + 1),
+            dtype=self.dtype, device=self.device,
+            generator=torch.Generator(device=self.device).manual_seed(t.saes[0].seed + 1),
         )
         self.learners = {s.name: Learner(s, d_in, t, self.device) for s in t.saes}
         state = self._resume_state
@@ -311,7 +307,8 @@ class Trainer:
         x = self.eval_set.to(self.device, torch.float32) * self.scale
         out = {name: learner.held_out_metrics(x) for name, learner in self.learners.items()}
         for name, r in out.items():
-            self.metrics.observe_step(name, {"eval_fvu": r["fvu"], "eval_l0": r["l0"]})
+            self._last_eval[name] = {"eval_fvu": r["fvu"], "eval_l0": r["l0"]}
+            self.metrics.observe_step(name, self._last_eval[name])
         return out
 
     def _maybe_evaluate(self) -> None:
@@ -334,7 +331,7 @@ class Trainer:
     def _record(self, rate: float) -> None:
         """The progress cadence: read the last step's statistics once, then gauges, history and progress line."""
         self.metrics.tokens_per_second.set(rate)
-        stats = {name: st.read() for name, st in self._last_stats.items()}
+        stats = {name: {**st.read(), **self._last_eval.get(name, {})} for name, st in self._last_stats.items()}
         saes = {}
         for name, vals in stats.items():
             self.metrics.observe_step(name, vals)
