@@ -58,3 +58,21 @@ def test_saved_state_is_on_the_cpu():
     out = to_cpu(nested)
     assert out["a"].device.type == "cpu" and not out["a"].requires_grad
     assert isinstance(out["b"][1], tuple) and out["b"][1][1] == 3 and out["c"] == "x"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_trainer_trains_from_a_file_and_saves_cpu_state(tmp_path, kafka_cfg):
+    """The whole trainer on CUDA: pinned chunks, the buffer on the device, the sparse step, a checkpoint that loads
+    on a CPU-only host."""
+    import numpy as np
+
+    from streamd.run.checkpoints import CheckpointStore
+
+    path = tmp_path / "acts.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((6000, 16)).astype(np.float16))
+    cfg = trainer_config(kafka_cfg, tmp_path / "run", device="cuda", every_tokens=None)
+    t = Trainer(cfg, activation_file=path)
+    assert t.run() > 0 and t.buffer.data.device.type == "cuda"
+    latest = CheckpointStore(tmp_path / "run", writer=False).latest()
+    state = CheckpointStore.read_trainer_state(latest, map_location=None)  # each tensor where it was saved from
+    assert all(v.device.type == "cpu" for v in state["learners"]["t"]["sae"].values())

@@ -14,6 +14,8 @@ from streamd.sae.sparse import batch_topk_codes, topk_codes
 from streamd.train.learner import Learner
 
 D_IN, D_SAE, K, AUX_K = 24, 192, 6, 20
+# on a GPU host the same checks run on CUDA too (cuSPARSE products, device-side selection)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def sae_cfg(arch: str, **kw) -> SAEConfig:
@@ -40,12 +42,13 @@ def perturbed(arch: str) -> torch.nn.Module:
     return sae
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("n_dead", [0, AUX_K // 2, 3 * AUX_K])  # none, fewer than aux_k (scaled down), many
-def test_gradients_equal_the_dense_path(arch, n_dead):
-    dense = perturbed(arch)
+def test_gradients_equal_the_dense_path(arch, n_dead, device):
+    dense = perturbed(arch).to(device)
     sparse = copy.deepcopy(dense)
-    x, mask = inputs(96, 1), dead(n_dead, 2)
+    x, mask = inputs(96, 1).to(device), dead(n_dead, 2).to(device)
     ref = dense.loss(x, 1.0, mask)
     out = sparse.sparse_loss(x, 1.0, mask)
     assert out.feats is None and out.fires.shape == (D_SAE,)
@@ -63,10 +66,12 @@ def test_gradients_equal_the_dense_path(arch, n_dead):
         assert torch.equal(sparse.threshold, dense.threshold) and bool(sparse.threshold_set)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_ten_learner_steps_match_the_dense_path(arch):
-    tcfg = dict(batch_size=128, buffer_tokens=1024, warmup_tokens=0, dead_window_tokens=10_000, device="cpu")
-    learners = [Learner(sae_cfg(arch, lr=3e-3), D_IN, TrainerConfig(sparse_step=s, **tcfg)) for s in (True, False)]
+def test_ten_learner_steps_match_the_dense_path(arch, device):
+    tcfg = dict(batch_size=128, buffer_tokens=1024, warmup_tokens=0, dead_window_tokens=10_000, device=device)
+    learners = [Learner(sae_cfg(arch, lr=3e-3), D_IN, TrainerConfig(sparse_step=s, **tcfg), device)
+                for s in (True, False)]
     assert learners[0].sparse and not learners[1].sparse
     for step in range(10):
         for lr in learners:  # 2 * aux_k latents silent for long (again each step: they fire once AuxK trains them)
