@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamd.run.checkpoints import CheckpointStore, SAEExport
+from streamd.run.checkpoints import CheckpointStore, SAEExport, checkpoint_id
 from streamd.config import SAEConfig
 from streamd.client.load import load_sae
 from streamd.client.pull import PullError, pull
@@ -22,6 +22,7 @@ from tests.test_serve import self_signed
 torch.set_num_threads(1)
 D_IN = 16
 SCALE = 2.5  # training-time input scale: exports must work on raw activations anyway
+LATEST = checkpoint_id(2, 64)  # the second checkpoint of the ``store`` fixture
 
 
 @pytest.fixture
@@ -41,11 +42,11 @@ def server(store: CheckpointStore) -> Iterator[StatusServer]:
 def test_pull_everything_is_a_verifiable_replica(server: StatusServer, store: CheckpointStore, tmp_path: Path) -> None:
     out = tmp_path / "out"
     got = pull(server.url, out)
-    assert got == out / "000000000064"
+    assert got == out / LATEST
     src = store.latest()
     assert sorted(p.relative_to(got) for p in got.rglob("*")) == sorted(p.relative_to(src) for p in src.rglob("*"))
-    assert CheckpointStore.verify(got)["id"] == "000000000064"
-    assert [p.name for p in out.iterdir()] == ["000000000064"]  # no temp dirs left
+    assert CheckpointStore.verify(got)["id"] == LATEST
+    assert [p.name for p in out.iterdir()] == [LATEST]  # no temp dirs left
     assert pull(server.url, out) == got  # already complete: nothing to do
 
 
@@ -56,7 +57,7 @@ def test_pull_one_sae_then_another(server: StatusServer, tmp_path: Path) -> None
         "b", "b/cfg.json", "b/sae_weights.safetensors", "b/sparsity.safetensors", "manifest.json"]
     pull(server.url, out, sae="a")
     assert {p.name for p in got.iterdir()} == {"a", "b", "manifest.json"}
-    assert [p.name for p in out.iterdir()] == ["000000000064"]
+    assert [p.name for p in out.iterdir()] == [LATEST]
     with pytest.raises(PullError, match="no SAE 'zz'"):
         pull(server.url, out, sae="zz")
 
@@ -73,7 +74,7 @@ def test_sha_mismatch_detected_and_nothing_left(server: StatusServer, store: Che
     with pytest.raises(PullError, match="sha256"):
         pull(server.url, out, sae="b")
     assert list(out.iterdir()) == []
-    assert pull(server.url, out, sae="a").name == "000000000064"  # the intact SAE still pulls
+    assert pull(server.url, out, sae="a").name == LATEST  # the intact SAE still pulls
 
 
 def test_pull_errors(tmp_path: Path) -> None:
@@ -162,7 +163,7 @@ def test_load_sae_from_run_dir_and_url(zoo, tmp_path: Path) -> None:
         assert_same_sae(load_sae(s.url, sae="jumprelu", cache_dir=cache), saes["jumprelu"])
         [pulled] = list(cache.iterdir())
         assert pulled.name == f"127.0.0.1_{s.port}"
-        assert {p.name for p in (pulled / "000000001000").iterdir()} == {"jumprelu", "manifest.json"}
+        assert {p.name for p in (pulled / checkpoint_id(1, 1000)).iterdir()} == {"jumprelu", "manifest.json"}
 
 
 def test_single_sae_checkpoint_needs_no_name(store: CheckpointStore) -> None:
@@ -183,4 +184,4 @@ def test_load_sae_from_the_latest_pointer_and_default_cache(zoo, tmp_path: Path,
     monkeypatch.setenv("STREAMD_CACHE", str(tmp_path / "cache"))
     with StatusServer("127.0.0.1", 0, CollectorRegistry(), store=store) as s:
         assert_same_sae(load_sae(s.url, sae="topk"), saes["topk"])
-        assert (tmp_path / "cache" / "pulls" / f"127.0.0.1_{s.port}" / "000000001000" / "topk").is_dir()
+        assert (tmp_path / "cache" / "pulls" / f"127.0.0.1_{s.port}" / checkpoint_id(1, 1000) / "topk").is_dir()
