@@ -157,8 +157,15 @@ def test_train_from_cached_file_and_replay_it(kafka_cfg, tmp_path):
     acts = random_acts(3000, 16, seed=6).numpy()
     path = tmp_path / "acts.npy"
     np.save(path, acts)
-    t = Trainer(trainer_config(kafka_cfg, tmp_path / "file-run", every_tokens=None), activation_file=path)
-    assert t.run() == (1 + (3000 - 1024) // 128) * 128  # one step per full buffer; the rest stays untrained
+    t = Trainer(trainer_config(kafka_cfg, tmp_path / "file-run", every_tokens=None, trace_file=tmp_path / "tr"),
+                activation_file=path)
+    assert t.run() == 3000  # the end of the file drains the buffer: every token trained, the last batch smaller
+    counts = trace_counts(tmp_path / "tr")
+    assert counts == {("file:acts.npy", 0, lo): min(1024, 3000 - lo) for lo in range(0, 3000, 1024)}
+    final = CheckpointStore(tmp_path / "file-run", 2, writer=False).latest()
+    assert CheckpointStore.read_offsets(final) == {"file:acts.npy": {0: 3000}}
+    assert Trainer(trainer_config(kafka_cfg, tmp_path / "file-run", every_tokens=None),
+                   activation_file=path).run() == 3000  # resumed: nothing left to train
     out = subprocess.run(
         [sys.executable, "-m", "streamd", "replay", str(path), "--site-id", f"{SITE_ID:x}",
          "--bootstrap", kafka_cfg.bootstrap_servers[0], "--topic", kafka_cfg.topic],
@@ -194,3 +201,79 @@ def test_trainer_rides_out_a_broker_that_restarts_empty(broker, tmp_path):
     t.stop()
     worker.join(timeout=60)
     assert not worker.is_alive()
+
+
+def test_a_quiet_stream_keeps_the_trainer_waiting_and_says_so(kafka_cfg, tmp_path):
+    """The producer stops: the trainer does not stop (a stream has no end), and /readyz and the progress line say
+    that it is waiting for data."""
+    import urllib.error
+    import urllib.request
+
+    publish(kafka_cfg, random_acts(3000, 16, seed=11), tokens_per_msg=50)
+    lines: list[str] = []
+    t = Trainer(trainer_config(kafka_cfg, tmp_path / "run", every_tokens=None), progress_every_s=0.2,
+                on_progress=lambda p: lines.append(p.line()))
+    worker = threading.Thread(target=t.run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    body = ""
+    while "waiting for data" not in body or not any("waiting for data" in ln for ln in lines):
+        assert worker.is_alive(), "the trainer stopped when the stream went quiet"
+        assert time.monotonic() < deadline, (body, lines[-3:])
+        time.sleep(0.3)
+        try:
+            with urllib.request.urlopen(t.server.url + "/readyz", timeout=5) as r:
+                body = r.read().decode()
+        except urllib.error.HTTPError as e:  # 503 while the buffer fills
+            body = e.read().decode()
+            assert "waiting for data" not in body
+    assert t.tokens > 0 and worker.is_alive()
+    publish(kafka_cfg, random_acts(1000, 16, seed=12), producer_id="later", tokens_per_msg=50)
+    before = t.tokens
+    while t.tokens == before:  # data again: training resumes, and readiness says training
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.1)
+    t.stop()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+
+
+def test_full_disk_for_history_trace_and_checkpoints_training_goes_on(kafka_cfg, tmp_path, monkeypatch, caplog):
+    """The disk fills up at 2048 tokens and frees again at 4608: history and trace writes fail (counted, logged
+    once, skipped), checkpoints fail (counted); training never stops and the final checkpoint has everything."""
+    from streamd.run.history import MetricsHistory, read_history
+    from streamd.train import trainer as trainer_mod
+
+    acts = random_acts(6000, 16, seed=13).numpy()
+    np.save(tmp_path / "acts.npy", acts)
+    run = tmp_path / "run"
+    full = {"on": False}
+
+    def on_progress(p):
+        full["on"] = 2048 <= p.tokens < 4608
+
+    def failing(real):
+        def write(*args, **kwargs):
+            if full["on"]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args, **kwargs)
+        return write
+
+    monkeypatch.setattr(MetricsHistory, "append", failing(MetricsHistory.append))
+    monkeypatch.setattr(trainer_mod.TraceFile, "write", failing(trainer_mod.TraceFile.write))
+    monkeypatch.setattr(checkpoints, "write_bytes", failing(checkpoints.write_bytes))
+    t = Trainer(trainer_config(kafka_cfg, run, every_tokens=512, trace_file=tmp_path / "trace.jsonl"),
+                activation_file=tmp_path / "acts.npy", progress_every_s=0.0, on_progress=on_progress)
+    with caplog.at_level("ERROR"):
+        assert t.run() == 6000
+    assert _value(t.metrics.history_write_failures, file="history") >= 10
+    assert _value(t.metrics.history_write_failures, file="trace") >= 10
+    assert _value(t.metrics.checkpoint_failures) >= 3 and _value(t.metrics.checkpoints) >= 3
+    said = [r.getMessage() for r in caplog.records if "failed" in r.getMessage() and "writing the" in r.getMessage()]
+    assert len([m for m in said if "history" in m]) == 1 and len([m for m in said if "trace" in m]) == 1, said
+    assert _latest_tokens(run) == 6000
+    store = CheckpointStore(run, 2, writer=False)
+    for info in store.list():
+        store.verify(info.path)
+    assert [r["tokens"] for r in read_history(run)][-1] == 6000
+    assert not [r for r in read_history(run) if 2048 < r["tokens"] < 4608]
