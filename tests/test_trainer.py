@@ -277,3 +277,71 @@ def test_full_disk_for_history_trace_and_checkpoints_training_goes_on(kafka_cfg,
         store.verify(info.path)
     assert [r["tokens"] for r in read_history(run)][-1] == 6000
     assert not [r for r in read_history(run) if 2048 < r["tokens"] < 4608]
+
+
+def test_resume_verifies_and_falls_back_to_the_newest_good_checkpoint(kafka_cfg, tmp_path, caplog):
+    np.save(tmp_path / "acts.npy", random_acts(4000, 16, seed=14).numpy())
+    run = tmp_path / "run"
+
+    def cfg(**kw):
+        c = trainer_config(kafka_cfg, run, every_tokens=512, max_tokens=2048, **kw)
+        c.checkpoints.keep_last = 3
+        return c
+
+    assert Trainer(cfg(), activation_file=tmp_path / "acts.npy").run() == 2048
+    store = CheckpointStore(run, 3, writer=False)
+    infos = store.list()
+    assert [i.tokens for i in infos] == [1024, 1536, 2048] and store.latest() == infos[-1].path
+    weights = infos[-1].path / "t" / "sae_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-2] ^= 0x40
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("ERROR"):
+        t = Trainer(cfg(), activation_file=tmp_path / "acts.npy")
+    assert t.tokens == 1536 and _value(t.metrics.resume_fallbacks) == 1
+    assert any("OLDER CHECKPOINT" in r.getMessage() and infos[1].id in r.getMessage() for r in caplog.records)
+    t.lock.release(), t.server.stop()
+
+    (run / "checkpoints" / "latest").unlink()  # no pointer: the newest good one on disk, also loudly
+    t = Trainer(cfg(), activation_file=tmp_path / "acts.npy")
+    assert t.tokens == 1536 and _value(t.metrics.resume_fallbacks) == 1
+    t.lock.release(), t.server.stop()
+
+    for info in infos[:2]:
+        (info.path / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        Trainer(cfg(), activation_file=tmp_path / "acts.npy")
+    assert all(i.id in str(e.value) for i in infos) and "sae_weights.safetensors: sha256" in str(e.value)
+    assert "trainer_state.pt: sha256" in str(e.value)
+    from streamd.run.lock import RunLock
+    RunLock(run).release()  # the failed start left the run unlocked
+
+
+def test_activation_file_is_checked_in_chunks_and_stays_mapped(tmp_path, monkeypatch):
+    """The finiteness check of a memory-mapped .npy reads it a chunk at a time (never n x d bytes at once), and the
+    tensor handed to the source is still the file's map."""
+    from streamd.train import file_source
+
+    monkeypatch.setattr(file_source, "FINITE_CHECK_BYTES", 100 * 16 * 4)  # 100 rows of float32 at a time
+    acts = random_acts(1000, 16, seed=15).numpy()
+    np.save(tmp_path / "good.npy", acts)
+    acts[987, 5] = np.inf
+    np.save(tmp_path / "bad.npy", acts)
+    sizes, real = [], torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: (sizes.append(t.numel()), real(t))[1])
+    with pytest.raises(ValueError, match="non-finite values .first in row 987"):
+        file_source.load_activation_file(tmp_path / "bad.npy")
+    t = file_source.load_activation_file(tmp_path / "good.npy")
+    assert sizes and max(sizes) <= 100 * 16
+    ptr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= ptr < hi:
+            assert line.endswith(str(tmp_path / "good.npy")), line
+            break
+    else:
+        raise AssertionError("tensor memory not found in /proc/self/maps")
+    src = file_source.FileActivationSource(tmp_path / "good.npy", chunk_tokens=300)
+    chunk = src.get(0)
+    chunk.acts.fill_(7.0)  # a chunk is owned, never the read-only map
+    assert torch.equal(src.acts[:300], torch.from_numpy(np.load(tmp_path / "good.npy")[:300]))

@@ -356,6 +356,16 @@ class CheckpointStore:
         ckid = self._latest_id()
         return self.dir / ckid if ckid and (self.dir / ckid).is_dir() else None
 
+    def latest_id(self) -> str | None:
+        """The id ``latest`` names (well-formed, whether or not that directory exists), or None."""
+        return self._latest_id()
+
+    def ids(self) -> list[str]:
+        """Ids of the checkpoint directories on disk, in write order (oldest first), readable or not."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((p.name for p in self.dir.iterdir() if ID_RE.match(p.name) and p.is_dir()), key=int)
+
     def path(self, ckid: str) -> Path | None:
         """The directory of checkpoint ``ckid`` if it is a well-formed id that exists."""
         return self.dir / ckid if ID_RE.match(ckid) and (self.dir / ckid).is_dir() else None

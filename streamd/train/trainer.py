@@ -218,7 +218,7 @@ class Trainer:
         self.trace = TraceFile(self.tcfg.trace_file)
         self.skipped = SkippedWrites(self.metrics)
         self.cadence: Cadence | None = None  # from run() on
-        resume = read_resume(self.store)
+        resume = read_resume(self.store, self.metrics)
         self.tokens = resume.tokens
         self._resume_state = resume.state
         retention = retention_for(cfg.kafka)
