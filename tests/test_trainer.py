@@ -22,7 +22,7 @@ from streamd.run.checkpoints import CheckpointStore
 from streamd.run.lock import RunLockedError
 from streamd.train.trainer import Trainer
 from tests.streamd_testing import (
-    SITE_ID, consume_all, publish, random_acts, topic_messages, trace_counts, trainer_config, write_config,
+    SITE_ID, check_offsets_exact, consume_all, publish, random_acts, topic_messages, trace_counts, trainer_config, write_config,
 )
 
 
@@ -61,25 +61,31 @@ def test_sigkill_and_resume_lose_nothing(kafka_cfg, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     ck_tokens = _latest_tokens(run)
-    trained = trace_counts(run / "trace1.jsonl", upto_tokens=ck_tokens)
-    assert trace_counts(run / "trace1.jsonl").total() > sum(trained.values()), "kill came after the last checkpoint"
+    first = trace_counts(run / "trace1.jsonl", upto_tokens=ck_tokens)
+    assert trace_counts(run / "trace1.jsonl").total() > sum(first.values()), "kill came after the last checkpoint"
+    messages = topic_messages(kafka_cfg)
+    store = CheckpointStore(run, 2, writer=False)
+    ck_offsets = store.read_offsets(store.latest())[kafka_cfg.topic]
+    assert check_offsets_exact(messages, ck_offsets, first, kafka_cfg.topic) > 20  # the killed run's checkpoint
 
     cfg2 = trainer_config(kafka_cfg, run, every_tokens=None, trace_file=run / "trace2.jsonl",
                           max_tokens=ck_tokens + 12_000)
     t = Trainer(cfg2)
     assert t.tokens == ck_tokens
     t.run()
-    trained.update(trace_counts(run / "trace2.jsonl"))
+    second = trace_counts(run / "trace2.jsonl")
+    again = [k for k in second if k[2] < ck_offsets[k[1]]]
+    assert not again, f"the resumed run trained messages its checkpoint had covered: {again[:5]}"
     rereads = _value(t.metrics.duplicates_reread)
     assert 0 < rereads <= (8 * 1024 + 4 * 128 + 65536) / 50 + 4  # age bound + queue, in 50-token messages
 
-    final = CheckpointStore(run, 2, writer=False)
-    offsets = final.read_offsets(final.latest())[kafka_cfg.topic]
-    messages = topic_messages(kafka_cfg)
-    below = [k for k in messages if k[2] < offsets.get(k[1], 0)]
-    assert len(below) > 100
-    short = {k: (trained[k], messages[k][2]) for k in below if trained[k] < messages[k][2]}
-    assert not short, f"messages below the resume offsets not fully trained: {list(short.items())[:5]}"
+    # what counts: the killed run's work below its checkpoint's offsets, then the resumed run's
+    trained = first.copy()
+    for k in [k for k in trained if k[2] >= ck_offsets[k[1]]]:
+        del trained[k]
+    trained.update(second)
+    final = store.read_offsets(store.latest())[kafka_cfg.topic]
+    assert check_offsets_exact(messages, final, trained, kafka_cfg.topic) > 100
 
 
 def test_second_trainer_on_a_run_dir_is_refused(kafka_cfg, tmp_path):
@@ -100,13 +106,23 @@ def test_two_runs_in_two_groups_each_see_the_whole_stream(kafka_cfg, tmp_path):
 def test_restart_rejoins_the_group_at_its_committed_offsets(kafka_cfg, tmp_path):
     """A new run dir (no checkpoint) with the same group starts where the group's committed offsets say."""
     publish(kafka_cfg, random_acts(8000, 16, seed=3), tokens_per_msg=40)
-    Trainer(trainer_config(kafka_cfg, tmp_path / "a", max_tokens=3072)).run()
+    Trainer(trainer_config(kafka_cfg, tmp_path / "a", max_tokens=3072, trace_file=tmp_path / "a.jsonl")).run()
+    messages = topic_messages(kafka_cfg)
     committed = CheckpointStore(tmp_path / "a", 2, writer=False)
     offsets = committed.read_offsets(committed.latest())[kafka_cfg.topic]
+    trained = trace_counts(tmp_path / "a.jsonl")
+    assert check_offsets_exact(messages, offsets, trained, kafka_cfg.topic) >= 1
     cfg = trainer_config(kafka_cfg, tmp_path / "b", max_tokens=1024, trace_file=tmp_path / "b.jsonl")
-    Trainer(cfg).run()
-    for (_topic, part, off) in trace_counts(tmp_path / "b.jsonl"):
-        assert off >= offsets.get(part, 0), (part, off, offsets)
+    b = Trainer(cfg)
+    b.run()
+    second = trace_counts(tmp_path / "b.jsonl")
+    assert not [k for k in second if k[2] < offsets[k[1]]], "b trained what a had checkpointed"
+    assert _value(b.metrics.duplicates_reread) == 0
+    for k in [k for k in trained if k[2] >= offsets[k[1]]]:
+        del trained[k]
+    trained.update(second)
+    store_b = CheckpointStore(tmp_path / "b", 2, writer=False)
+    check_offsets_exact(messages, store_b.read_offsets(store_b.latest())[kafka_cfg.topic], trained, kafka_cfg.topic)
 
 
 def test_poison_messages_are_counted_and_skipped(kafka_cfg, tmp_path):
