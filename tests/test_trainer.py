@@ -361,3 +361,16 @@ def test_activation_file_is_checked_in_chunks_and_stays_mapped(tmp_path, monkeyp
     chunk = src.get(0)
     chunk.acts.fill_(7.0)  # a chunk is owned, never the read-only map
     assert torch.equal(src.acts[:300], torch.from_numpy(np.load(tmp_path / "good.npy")[:300]))
+
+
+def test_a_checkpoint_names_partitions_not_read_since_the_resume(kafka_cfg):
+    """Partitions the resumed run has not read (or not placed) yet keep the checkpoint's offsets: a checkpoint taken
+    before them still names them, instead of leaving them to the group's committed offsets."""
+    from streamd.metrics import TrainerMetrics
+    from streamd.train.kafka_source import KafkaActivationSource
+
+    topic = kafka_cfg.topic
+    src = KafkaActivationSource(kafka_cfg, topic, "g", TrainerMetrics(["t"], wire.REJECT_REASONS),
+                                expected_site_id=SITE_ID, d_in=16, queue_tokens=4096,
+                                start_offsets={(topic, 3): 42, (topic, 1): 7})
+    assert src.positions() == {(topic, 3): 42, (topic, 1): 7}
