@@ -25,7 +25,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError,
+)
 
 if TYPE_CHECKING:
     from streamd.sae.base import SAE
@@ -446,7 +448,12 @@ def load_config(
         if value is not None:
             _set_path(cli, key, value)
     try:
-        env_only = StreamdConfig().model_dump(exclude_unset=True)  # environment layer alone
+        # The environment layer as raw values, not validated alone: a valid combination may be split between the
+        # environment and the file (a SASL mechanism in env, its protocol and user in YAML).
+        env_only = EnvSettingsSource(StreamdConfig)()
+    except SettingsError as e:
+        raise ConfigError(f"environment: {e}") from None
+    try:
         merged = _deep_merge(_deep_merge(data, env_only), cli)
         return StreamdConfig(**merged)
     except ValidationError as e:

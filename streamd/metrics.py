@@ -189,6 +189,14 @@ class TrainerMetrics:
         self.checkpoints = Counter("checkpoints", "Checkpoints written successfully.", namespace=ns, registry=reg)
         self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint writes that failed.", namespace=ns,
                                            registry=reg)
+        self.resume_fallbacks = Counter(
+            "resume_fallbacks", "Resumes that found the latest checkpoint corrupt (or unnamed) and used the newest "
+            "good older one.", namespace=ns, registry=reg)
+        self.history_write_failures = Counter(
+            "history_write_failures", "Writes of the metrics history or the trace that failed (a full disk, ...) and "
+            "were skipped; training goes on.", ["file"], namespace=ns, registry=reg)
+        for f in ("history", "trace"):
+            self.history_write_failures.labels(file=f)
         self.checkpoint_last_success = Gauge("checkpoint_last_success_timestamp_seconds",
                                              "Unix time of the last successful checkpoint (0: none yet).",
                                              namespace=ns, registry=reg)

@@ -116,3 +116,27 @@ def consume_all(kafka: KafkaConfig, group: str, n_messages: int, timeout: float 
             got[(chunk.producer_id, chunk.seq)] = len(chunk.acts)
     src.close()
     return got
+
+
+def check_offsets_exact(messages: dict[tuple[str, int, int], tuple[str, int, int]], offsets: dict[int, int],
+                        trained: Counter, topic: str) -> int:
+    """A checkpoint's resume offsets against what was trained, exactly: every partition that holds messages is named;
+    no message was trained more than its tokens; each partition's offset is its first message not trained in full
+    (one past its last message where all were). Returns how many messages lie below the offsets."""
+    parts: dict[int, list[tuple[int, int]]] = {}
+    for (t, part, off), (_, _, n) in messages.items():
+        if t == topic:
+            parts.setdefault(part, []).append((off, n))
+    missing = sorted(set(parts) - set(offsets))
+    assert not missing, f"partitions {missing} hold messages but are missing from the offsets {offsets}"
+    over = [(k, c) for k, c in trained.items() if k[0] == topic and c > messages[k][2]]
+    assert not over, f"messages trained more than once within the counted work: {over[:5]}"
+    below = 0
+    for part, msgs in parts.items():
+        msgs.sort()
+        first_short = next((off for off, n in msgs if trained[(topic, part, off)] != n), msgs[-1][0] + 1)
+        assert offsets[part] == first_short, (
+            f"partition {part}: resume offset {offsets[part]}, but the first message not trained in full is "
+            f"{first_short} (trained {trained[(topic, part, first_short)]} tokens)")
+        below += sum(1 for off, _ in msgs if off < first_short)
+    return below

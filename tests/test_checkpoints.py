@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from streamd.run import checkpoints
-from streamd.run.checkpoints import CheckpointError, CheckpointStore, SAEExport
+from streamd.run.checkpoints import ID_RE, CheckpointError, CheckpointStore, SAEExport, checkpoint_id, checkpoint_seq
 
 HOOK = "blocks.3.hook_resid_post"
 D_IN, D_SAE = 8, 32
@@ -49,8 +49,10 @@ def test_layout_and_round_trip(tmp_path: Path) -> None:
     a, b = make_sae("a", 1), make_sae("b", 2, arch="standard")
     path = write(store, 123456, [a, b])
 
-    assert path == tmp_path / "checkpoints" / "000000123456"
-    assert (store.dir / "latest").read_text().strip() == "000000123456"
+    ckid = checkpoint_id(1, 123456)
+    assert ckid == "00000100000000123456" and ID_RE.match(ckid)
+    assert path == tmp_path / "checkpoints" / ckid
+    assert (store.dir / "latest").read_text().strip() == ckid
     assert store.latest() == path
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["tokens"] == 123456 and manifest["saes"] == ["a", "b"] and manifest["hook_name"] == HOOK
@@ -58,7 +60,7 @@ def test_layout_and_round_trip(tmp_path: Path) -> None:
     sae_files = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
     expected = {"trainer_state.pt", "offsets.json"} | {f"{n}/{f}" for n in "ab" for f in sae_files}
     assert set(manifest["files"]) == expected
-    assert store.verify(path)["id"] == "000000123456"
+    assert store.verify(path)["id"] == ckid
 
     cfg = json.loads((path / "a" / "cfg.json").read_text())
     assert (cfg["architecture"], cfg["k"], cfg["d_in"], cfg["d_sae"]) == ("topk", 4, D_IN, D_SAE)
@@ -74,7 +76,7 @@ def test_layout_and_round_trip(tmp_path: Path) -> None:
     state = store.read_trainer_state(path)
     assert state["step"] == 12345 and torch.equal(state["adam"]["m"], torch.ones(3))
     [info] = store.list()
-    assert (info.id, info.tokens, info.saes, info.path) == ("000000123456", 123456, ["a", "b"], path)
+    assert (info.id, info.tokens, info.saes, info.path) == (ckid, 123456, ["a", "b"], path)
 
 
 def test_bad_exports_rejected_before_touching_disk(tmp_path: Path) -> None:
@@ -95,19 +97,53 @@ def test_retention_keeps_last_k(tmp_path: Path) -> None:
     for t in (100, 200, 300, 400):
         write(store, t)
     assert [i.tokens for i in store.list()] == [300, 400]
-    assert store.latest() == store.dir / "000000000400"
+    assert store.latest() == store.dir / checkpoint_id(4, 400)
     assert tmp_dirs(store) == []
 
 
 def test_retention_never_deletes_what_latest_names(tmp_path: Path) -> None:
-    """Rolled back to an old checkpoint and resumed with a smaller keep_last: the resumed one survives."""
+    """Rolled back to an old checkpoint and resumed with a smaller keep_last: what latest names is never deleted,
+    and a write at the same token count as an existing checkpoint makes a new one (new id, sorts last, kept)."""
     for t in (100, 200, 300):
         write(CheckpointStore(tmp_path, keep_last=3), t)
     store = CheckpointStore(tmp_path, keep_last=1)
-    path = write(store, 100)  # same id: kept as is, latest re-pointed, retention applied
-    assert store.latest() == path
-    assert [i.tokens for i in store.list()] == [100, 300]
-    store.verify(path)
+    first = store.list()[0]
+    (store.dir / "latest").write_text(first.id + "\n")  # the operator rolls back to the first checkpoint
+    store._apply_retention()
+    assert store.latest() == first.path and [i.tokens for i in store.list()] == [100, 300]
+    path = write(store, 100, [make_sae(seed=9)])  # the resumed run reaches the same token count: new weights
+    assert path.name != first.id and path.name == checkpoint_id(4, 100)
+    assert store.latest() == path and [i.path for i in store.list()] == [path]  # sorts last; the rest retired
+    assert store.verify(path)["id"] == path.name
+    got = load_file(path / "topk-k4" / "sae_weights.safetensors")["W_enc"]
+    assert torch.equal(got, make_sae(seed=9).weights["W_enc"])
+
+
+def test_same_tokens_twice_writes_two_checkpoints(tmp_path: Path) -> None:
+    """No tokens trained between two writes still means two checkpoints: the second one's offsets are the truth."""
+    store = CheckpointStore(tmp_path, keep_last=5)
+    a = write(store, 500)
+    b = store.write(500, [make_sae(seed=3)], {"step": 1}, {"acts": {0: 777}}, {"streamd_version": "x"}, HOOK)
+    assert a != b and store.latest() == b and [i.id for i in store.list()] == [a.name, b.name]
+    assert store.read_offsets(b) == {"acts": {0: 777}} and store.read_offsets(a) == {"acts": {0: 500, 1: 501}}
+    (store.dir / "latest").unlink()  # a deleted pointer (or a crash before it moved): still a new id
+    c = write(store, 500)
+    assert c.name not in (a.name, b.name) and int(c.name) > int(b.name) and store.latest() == c
+
+
+def test_ids_of_the_previous_version_sort_first(tmp_path: Path) -> None:
+    old = tmp_path / "checkpoints" / "000000001792"
+    store = CheckpointStore(tmp_path, keep_last=5)
+    old.mkdir()
+    (store.dir / "latest").write_text(old.name + "\n")
+    assert checkpoint_seq(old.name) == 0 and store._next_seq() == 1
+    new = write(store, 1024)  # fewer tokens than the old one, written later: sorts after it
+    assert checkpoint_seq(new.name) == 1 and int(new.name) > int(old.name) and store.latest() == new
+    with pytest.raises(ValueError):
+        checkpoint_id(0, 5)
+    with pytest.raises(ValueError):
+        checkpoint_id(1, 10**14)
+    assert sorted([checkpoint_id(2, 5), checkpoint_id(1, 10**13)], key=int)[0] == checkpoint_id(1, 10**13)
 
 
 def test_verify_detects_corruption_missing_and_extra_files(tmp_path: Path) -> None:
@@ -165,10 +201,10 @@ def test_enospc_at_every_write_leaves_previous_state_intact(tmp_path: Path, monk
 def test_stale_tmp_dirs_removed_by_writer_only(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path, keep_last=3)
     good = write(store, 7)
-    stale = store.dir / ".tmp-000000000009-deadbeef"
+    stale = store.dir / f".tmp-{checkpoint_id(2, 9)}-deadbeef"
     (stale / "topk-k4").mkdir(parents=True)
     (stale / "topk-k4" / "cfg.json").write_text("{")
-    (store.dir / ".tmp-latest-0000").write_text("000000000009")
+    (store.dir / ".tmp-latest-0000").write_text(checkpoint_id(2, 9))
 
     reader = CheckpointStore(tmp_path, writer=False)
     assert stale.exists() and reader.latest() == good
@@ -189,3 +225,87 @@ def test_empty_and_bad_pointer(tmp_path: Path) -> None:
     assert store.latest() is None
     with pytest.raises(CheckpointError, match="offsets"):
         store.read_offsets(tmp_path)
+
+
+def enospc_for(monkeypatch: pytest.MonkeyPatch, n_calls: int) -> list[Path]:
+    """The next ``n_calls`` writes fail with ENOSPC, later ones succeed; returns the list of attempted paths."""
+    real, calls = checkpoints.write_bytes, []
+
+    def full(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) <= n_calls:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoints, "write_bytes", full)
+    return calls
+
+
+def test_enospc_frees_older_checkpoints_and_retries_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path, keep_last=5)
+    for t in (100, 200, 300):
+        write(store, t)
+    good = store.latest()
+    enospc_for(monkeypatch, 1)
+    path = write(store, 400)  # the first attempt fails; older checkpoints go; the retry succeeds
+    assert store.latest() == path and [i.tokens for i in store.list()] == [300, 400]
+    store.verify(path), store.verify(good)
+    assert tmp_dirs(store) == []
+
+
+def test_enospc_on_the_retry_too_keeps_the_latest_good_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path, keep_last=5)
+    for t in (100, 200):
+        write(store, t)
+    good = store.latest()
+    calls = enospc_for(monkeypatch, 10**6)
+    with pytest.raises(CheckpointError, match="no space left"):
+        write(store, 300)
+    assert len(calls) == 2  # one attempt, one retry: never more
+    assert store.latest() == good and [i.tokens for i in store.list()] == [200] and tmp_dirs(store) == []
+    store.verify(good)
+    calls.clear()
+    with pytest.raises(CheckpointError, match="no space left"):
+        write(store, 300)  # nothing left to free: no retry, the latest good one stays
+    assert len(calls) == 1 and store.latest() == good
+
+
+@pytest.mark.parametrize("fail", ["fsync-0", "fsync-1", "fsync-2", "fsync-3", "rename"])
+def test_fsync_or_rename_failure_leaves_previous_state_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: str
+) -> None:
+    """fsync of the SAE dir, the temp dir, checkpoints/ after the rename, checkpoints/ after moving latest; the
+    rename into place. Before the pointer moves, a failure undoes the checkpoint; after it, the checkpoint stands."""
+    store = CheckpointStore(tmp_path, keep_last=5)
+    first = write(store, 1000)
+    real_fsync, real_rename = checkpoints.fsync_dir, checkpoints.os.rename
+    n = {"fsync": 0, "rename": 0, "injected": 0}
+
+    def flaky_fsync(path: Path) -> None:
+        n["fsync"] += 1
+        if fail == f"fsync-{n['fsync'] - 1}":
+            n["injected"] += 1
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        real_fsync(path)
+
+    def flaky_rename(src, dst) -> None:
+        n["rename"] += 1
+        if fail == "rename" and n["rename"] == 1:
+            n["injected"] += 1
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoints, "fsync_dir", flaky_fsync)
+    monkeypatch.setattr(checkpoints.os, "rename", flaky_rename)
+    if fail == "fsync-3":  # after latest moved: only warned
+        path = write(store, 2000)
+        assert store.latest() == path and [i.tokens for i in store.list()] == [1000, 2000]
+        store.verify(path)
+    else:
+        with pytest.raises(CheckpointError, match="Input/output error"):
+            write(store, 2000)
+        assert store.latest() == first and [i.tokens for i in store.list()] == [1000]
+    assert n["injected"] == 1 and tmp_dirs(store) == []
+    store.verify(first)
+    monkeypatch.undo()
+    assert write(store, 3000) == store.latest()

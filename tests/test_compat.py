@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import streamd
 from streamd.client import locate
+from streamd.run.checkpoints import checkpoint_id
 from streamd.config import CheckpointConfig, KafkaConfig, MetricsConfig, SAEConfig, StreamdConfig, TrainerConfig
 
 RUN = Path(__file__).parent / "data" / "run_v0_1"
@@ -93,8 +94,9 @@ def test_trainer_resumes_a_copy_of_an_old_run(tmp_path: Path) -> None:
     assert trainer.tokens == 1792
     tokens = trainer.run()
     assert tokens > 1792 and (tokens - 1792) % 128 == 0
-    new_id = f"{tokens:012d}"
+    new_id = checkpoint_id(1, tokens)  # the first write of the new id scheme: sequence 1, after every 0.1 id
     assert (run / "checkpoints" / "latest").read_text().strip() == new_id
+    assert [p.name for p in sorted((run / "checkpoints").glob("0*"), key=lambda p: int(p.name))] == [LATEST_ID, new_id]
     manifest = json.loads((run / "checkpoints" / new_id / "manifest.json").read_text())
     assert manifest["tokens"] == tokens and sorted(manifest["saes"]) == ["relu", "topk"]
     resumed = streamd.load_sae(str(run), sae="topk")

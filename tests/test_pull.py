@@ -18,7 +18,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamd.run.checkpoints import CheckpointStore, SAEExport
+from streamd.run.checkpoints import CheckpointStore, SAEExport, checkpoint_id
 from streamd.config import SAEConfig
 from streamd.client.load import load_sae
 from streamd.client.pull import PullError, pull
@@ -30,6 +30,7 @@ from tests.test_serve import self_signed
 torch.set_num_threads(1)
 D_IN = 16
 SCALE = 2.5  # training-time input scale: exports must work on raw activations anyway
+LATEST = checkpoint_id(2, 64)  # the second checkpoint of the ``store`` fixture
 
 
 @pytest.fixture
@@ -49,11 +50,11 @@ def server(store: CheckpointStore) -> Iterator[StatusServer]:
 def test_pull_everything_is_a_verifiable_replica(server: StatusServer, store: CheckpointStore, tmp_path: Path) -> None:
     out = tmp_path / "out"
     got = pull(server.url, out)
-    assert got == out / "000000000064"
+    assert got == out / LATEST
     src = store.latest()
     assert sorted(p.relative_to(got) for p in got.rglob("*")) == sorted(p.relative_to(src) for p in src.rglob("*"))
-    assert CheckpointStore.verify(got)["id"] == "000000000064"
-    assert [p.name for p in out.iterdir()] == ["000000000064"]  # no temp dirs left
+    assert CheckpointStore.verify(got)["id"] == LATEST
+    assert [p.name for p in out.iterdir()] == [LATEST]  # no temp dirs left
     assert pull(server.url, out) == got  # already complete and verified: nothing to fetch
     CheckpointStore.verify(got)
 
@@ -78,9 +79,9 @@ def test_a_damaged_local_copy_is_fetched_again(server: StatusServer, store: Chec
     else:  # a manifest that is not the server's: the whole directory is another checkpoint
         (got / "manifest.json").write_text((got / "manifest.json").read_text().replace('"tiny"', '"other"'))
     assert pull(server.url, out) == got
-    assert CheckpointStore.verify(got)["id"] == "000000000064"
+    assert CheckpointStore.verify(got)["id"] == LATEST
     assert (got / "manifest.json").read_bytes() == (store.latest() / "manifest.json").read_bytes()
-    assert [p.name for p in out.iterdir()] == ["000000000064"]
+    assert [p.name for p in out.iterdir()] == [LATEST]
 
 
 def test_a_new_run_on_the_same_port_is_not_served_from_the_cache(tmp_path: Path) -> None:
@@ -93,14 +94,14 @@ def test_a_new_run_on_the_same_port_is_not_served_from_the_cache(tmp_path: Path)
     with StatusServer("127.0.0.1", 0, CollectorRegistry(), store=first) as s:
         port = s.port
         one = load_sae(s.url, sae="a", cache_dir=cache)
-        assert pull(s.url, cache / f"127.0.0.1_{port}", sae="b").name == "000000000064"
+        assert pull(s.url, cache / f"127.0.0.1_{port}", sae="b").name == checkpoint_id(1, 64)
     with StatusServer("127.0.0.1", port, CollectorRegistry(), store=second) as s:
         two = load_sae(s.url, sae="a", cache_dir=cache)
     want = load_sae(second.latest(), sae="a")
     assert not torch.equal(one.W_enc, two.W_enc)
     assert torch.equal(two.W_enc, want.W_enc) and torch.equal(two.b_dec, want.b_dec)
     # the first run's other SAE went with its checkpoint: what is cached is the second run's, verifiably
-    cached = cache / f"127.0.0.1_{port}" / "000000000064"
+    cached = cache / f"127.0.0.1_{port}" / checkpoint_id(1, 64)
     assert {p.name for p in cached.iterdir()} == {"a", "manifest.json"}
     assert (cached / "manifest.json").read_bytes() == (second.latest() / "manifest.json").read_bytes()
 
@@ -112,7 +113,7 @@ def test_pull_one_sae_then_another(server: StatusServer, tmp_path: Path) -> None
         "b", "b/cfg.json", "b/sae_weights.safetensors", "b/sparsity.safetensors", "manifest.json"]
     pull(server.url, out, sae="a")
     assert {p.name for p in got.iterdir()} == {"a", "b", "manifest.json"}
-    assert [p.name for p in out.iterdir()] == ["000000000064"]
+    assert [p.name for p in out.iterdir()] == [LATEST]
     with pytest.raises(PullError, match="no SAE 'zz'"):
         pull(server.url, out, sae="zz")
 
@@ -129,7 +130,7 @@ def test_sha_mismatch_detected_and_nothing_left(server: StatusServer, store: Che
     with pytest.raises(PullError, match="sha256"):
         pull(server.url, out, sae="b")
     assert list(out.iterdir()) == []
-    assert pull(server.url, out, sae="a").name == "000000000064"  # the intact SAE still pulls
+    assert pull(server.url, out, sae="a").name == LATEST  # the intact SAE still pulls
 
 
 def test_pull_errors(tmp_path: Path) -> None:
@@ -218,7 +219,7 @@ def test_load_sae_from_run_dir_and_url(zoo, tmp_path: Path) -> None:
         assert_same_sae(load_sae(s.url, sae="jumprelu", cache_dir=cache), saes["jumprelu"])
         [pulled] = list(cache.iterdir())
         assert pulled.name == f"127.0.0.1_{s.port}"
-        assert {p.name for p in (pulled / "000000001000").iterdir()} == {"jumprelu", "manifest.json"}
+        assert {p.name for p in (pulled / checkpoint_id(1, 1000)).iterdir()} == {"jumprelu", "manifest.json"}
 
 
 def test_single_sae_checkpoint_needs_no_name(store: CheckpointStore) -> None:
@@ -239,7 +240,7 @@ def test_load_sae_from_the_latest_pointer_and_default_cache(zoo, tmp_path: Path,
     monkeypatch.setenv("STREAMD_CACHE", str(tmp_path / "cache"))
     with StatusServer("127.0.0.1", 0, CollectorRegistry(), store=store) as s:
         assert_same_sae(load_sae(s.url, sae="topk"), saes["topk"])
-        assert (tmp_path / "cache" / "pulls" / f"127.0.0.1_{s.port}" / "000000001000" / "topk").is_dir()
+        assert (tmp_path / "cache" / "pulls" / f"127.0.0.1_{s.port}" / checkpoint_id(1, 1000) / "topk").is_dir()
 
 
 # ---- the client against hostile or busy servers: redirects, sizes, names, 503, where the token comes from -------
@@ -493,9 +494,9 @@ def test_the_token_from_a_file_or_the_environment(guarded: StatusServer, tmp_pat
     tok = tmp_path / "token"
     tok.write_text("tok\n")
     tok.chmod(0o600)
-    assert pull(guarded.url, tmp_path / "f", sae="a", token_file=tok).name == "000000000064"
+    assert pull(guarded.url, tmp_path / "f", sae="a", token_file=tok).name == LATEST
     assert main(["pull", guarded.url, "--out", str(tmp_path / "cli"), "--sae", "b", "--token-file", str(tok)]) == 0
-    assert (tmp_path / "cli" / "000000000064" / "b").is_dir()
+    assert (tmp_path / "cli" / LATEST / "b").is_dir()
     monkeypatch.setenv(TOKEN_ENV, "tok")
     assert main(["pull", guarded.url, "--out", str(tmp_path / "env"), "--sae", "a"]) == 0
     sae = load_sae(guarded.url, sae="b", cache_dir=tmp_path / "cache")

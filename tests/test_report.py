@@ -56,6 +56,31 @@ def test_history_survives_torn_line_and_non_finite_values(tmp_path):
     assert read_history(tmp_path / "missing") == []
 
 
+def test_a_write_cut_short_by_a_full_disk_is_removed(tmp_path, monkeypatch):
+    """ENOSPC after part of a line: the part is cut off again, so the next record is not glued onto a torn one."""
+    import errno
+    import os
+
+    from streamd.run import history
+
+    h = MetricsHistory(tmp_path / FILENAME, max_bytes=1_000_000)
+    h.append(record(0))
+    real_write, calls = os.write, {"n": 0}
+
+    def half_then_full(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(history.os, "write", half_then_full)
+    with pytest.raises(OSError):
+        h.append(record(1))
+    monkeypatch.setattr(history.os, "write", real_write)
+    h.append(record(2))
+    assert [r["tokens"] for r in read_history(tmp_path)] == [4096, 3 * 4096]
+
+
 def test_report_writes_plots(tmp_path):
     run = tmp_path / "run"
     h = MetricsHistory(run / FILENAME, max_bytes=1_000_000)

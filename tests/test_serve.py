@@ -20,13 +20,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from streamd.run.checkpoints import CheckpointStore
+from streamd.run.checkpoints import CheckpointStore, checkpoint_id
 from streamd.config import MetricsConfig
 from streamd.run.server import StatusServer
 from tests.test_checkpoints import make_sae, write
 
 SECRET = b"top secret outside the checkpoints dir"
 TOKEN = "s3cret-token"
+C100, C200 = checkpoint_id(1, 100), checkpoint_id(2, 200)  # the ``run`` fixture's checkpoints
+C300 = checkpoint_id(3, 300)  # never written
 
 
 def get(server: StatusServer, path: str, headers: dict | None = None, ctx: ssl.SSLContext | None = None):
@@ -92,23 +94,23 @@ def test_checkpoint_listing_and_description(server: StatusServer, run) -> None:
     store, path = run
     code, _, body = get(server, "/checkpoints")
     assert code == 200
-    assert [(c["id"], c["saes"]) for c in json.loads(body)] == [("000000000100", ["a"]), ("000000000200", ["a", "b"])]
+    assert [(c["id"], c["saes"]) for c in json.loads(body)] == [(C100, ["a"]), (C200, ["a", "b"])]
 
     code, _, body = get(server, "/checkpoints/latest")
     desc = json.loads(body)
-    assert code == 200 and (desc["id"], desc["tokens"], desc["saes"]) == ("000000000200", 200, ["a", "b"])
+    assert code == 200 and (desc["id"], desc["tokens"], desc["saes"]) == (C200, 200, ["a", "b"])
     on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
     assert set(desc["files"]) == on_disk
     for rel, meta in desc["files"].items():
         data = (path / rel).read_bytes()
         assert meta == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    assert json.loads(get(server, "/checkpoints/000000000100")[2])["saes"] == ["a"]
+    assert json.loads(get(server, f"/checkpoints/{C100}")[2])["saes"] == ["a"]
 
 
 @pytest.mark.parametrize("rel", ["manifest.json", "offsets.json", "trainer_state.pt", "b/sae_weights.safetensors"])
 def test_downloads_carry_sha(server: StatusServer, run, rel: str) -> None:
     path = run[1]
-    for ref in ("000000000200", "latest"):
+    for ref in (C200, "latest"):
         code, headers, body = get(server, f"/checkpoints/{ref}/{rel}")
         assert code == 200 and body == (path / rel).read_bytes()
         assert headers["X-Checkpoint-SHA256"] == hashlib.sha256(body).hexdigest()
@@ -119,14 +121,14 @@ def test_not_found(server: StatusServer, run) -> None:
     path = run[1]
     (path / "unlisted.bin").write_bytes(b"not in the manifest")
     for p in [
-        "/checkpoints/000000000300",
-        "/checkpoints/000000000300/offsets.json",
+        f"/checkpoints/{C300}",
+        f"/checkpoints/{C300}/offsets.json",
         "/checkpoints/12/offsets.json",  # not a well-formed id
-        "/checkpoints/000000000200/nope.json",
-        "/checkpoints/000000000200/unlisted.bin",
-        "/checkpoints/000000000200/c/cfg.json",
-        "/checkpoints/000000000200/a/cfg.json/x",
-        "/checkpoints/000000000200/a",  # a directory
+        f"/checkpoints/{C200}/nope.json",
+        f"/checkpoints/{C200}/unlisted.bin",
+        f"/checkpoints/{C200}/c/cfg.json",
+        f"/checkpoints/{C200}/a/cfg.json/x",
+        f"/checkpoints/{C200}/a",  # a directory
         "/checkpointsX",
     ]:
         assert get(server, p)[0] == 404, p
@@ -139,21 +141,21 @@ def test_no_checkpoint_yet(tmp_path: Path, registry: CollectorRegistry) -> None:
 
 
 TRAVERSALS = [
-    "/checkpoints/000000000200/../../secret.txt",
-    "/checkpoints/000000000200/a/../../../secret.txt",
+    f"/checkpoints/{C200}/../../secret.txt",
+    f"/checkpoints/{C200}/a/../../../secret.txt",
     "/checkpoints/../secret.txt",
     "/checkpoints/%2e%2e/secret.txt",
-    "/checkpoints/000000000200/%2e%2e/%2e%2e/secret.txt",
-    "/checkpoints/000000000200/..%2f..%2fsecret.txt",
+    f"/checkpoints/{C200}/%2e%2e/%2e%2e/secret.txt",
+    f"/checkpoints/{C200}/..%2f..%2fsecret.txt",
     "/checkpoints/latest/..%2F..%2Fsecret.txt",
-    "/checkpoints/000000000200/..%5c..%5csecret.txt",
-    "/checkpoints/000000000200/%2fetc%2fpasswd",
-    "/checkpoints/000000000200//etc/passwd",
+    f"/checkpoints/{C200}/..%5c..%5csecret.txt",
+    f"/checkpoints/{C200}/%2fetc%2fpasswd",
+    f"/checkpoints/{C200}//etc/passwd",
     "/checkpoints//etc/passwd",
-    "/checkpoints/000000000200/a/%2e%2e%2f%2e%2e%2f%2e%2e%2fsecret.txt",
-    "/checkpoints/000000000200/.%2e/.%2e/secret.txt",
-    "http://127.0.0.1/checkpoints/000000000200/../../secret.txt",
-    "/checkpoints/000000000200/a/cfg.json%00",
+    f"/checkpoints/{C200}/a/%2e%2e%2f%2e%2e%2f%2e%2e%2fsecret.txt",
+    f"/checkpoints/{C200}/.%2e/.%2e/secret.txt",
+    f"http://127.0.0.1/checkpoints/{C200}/../../secret.txt",
+    f"/checkpoints/{C200}/a/cfg.json%00",
 ]
 
 
@@ -171,10 +173,10 @@ def test_symlink_out_of_the_checkpoints_dir_refused(server: StatusServer, run, t
     shutil.rmtree(path / "b")
     (path / "b").symlink_to(tmp_path / "run", target_is_directory=True)
     (tmp_path / "run" / "cfg.json").write_bytes(SECRET)
-    for p in ("/checkpoints/000000000200/offsets.json", "/checkpoints/000000000200/b/cfg.json"):
+    for p in (f"/checkpoints/{C200}/offsets.json", f"/checkpoints/{C200}/b/cfg.json"):
         code, _, body = get(server, p)
         assert code == 404 and SECRET not in body, p
-    assert get(server, "/checkpoints/000000000200/a/cfg.json")[0] == 200
+    assert get(server, f"/checkpoints/{C200}/a/cfg.json")[0] == 200
 
 
 def test_bearer_token_guards_checkpoints_only(run, registry: CollectorRegistry) -> None:
@@ -188,7 +190,7 @@ def test_bearer_token_guards_checkpoints_only(run, registry: CollectorRegistry) 
         assert get(s, "/checkpoints/latest", {"Authorization": f"Basic {TOKEN}"})[0] == 401
         assert get(s, "/checkpoints/latest", {"Authorization": f"Bearer {TOKEN}x"})[0] == 401
         code, _, body = get(s, "/checkpoints/latest", {"Authorization": f"Bearer {TOKEN}"})
-        assert code == 200 and json.loads(body)["id"] == "000000000200"
+        assert code == 200 and json.loads(body)["id"] == C200
         for p in ("/metrics", "/healthz", "/readyz"):
             assert get(s, p)[0] == 200, p
     with pytest.raises(ValueError, match="empty bearer token"):

@@ -22,7 +22,7 @@ from streamd.run.checkpoints import CheckpointStore
 from streamd.run.lock import RunLockedError
 from streamd.train.trainer import Trainer
 from tests.streamd_testing import (
-    SITE_ID, consume_all, publish, random_acts, topic_messages, trace_counts, trainer_config, write_config,
+    SITE_ID, check_offsets_exact, consume_all, publish, random_acts, topic_messages, trace_counts, trainer_config, write_config,
 )
 
 
@@ -61,25 +61,31 @@ def test_sigkill_and_resume_lose_nothing(kafka_cfg, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     ck_tokens = _latest_tokens(run)
-    trained = trace_counts(run / "trace1.jsonl", upto_tokens=ck_tokens)
-    assert trace_counts(run / "trace1.jsonl").total() > sum(trained.values()), "kill came after the last checkpoint"
+    first = trace_counts(run / "trace1.jsonl", upto_tokens=ck_tokens)
+    assert trace_counts(run / "trace1.jsonl").total() > sum(first.values()), "kill came after the last checkpoint"
+    messages = topic_messages(kafka_cfg)
+    store = CheckpointStore(run, 2, writer=False)
+    ck_offsets = store.read_offsets(store.latest())[kafka_cfg.topic]
+    assert check_offsets_exact(messages, ck_offsets, first, kafka_cfg.topic) > 20  # the killed run's checkpoint
 
     cfg2 = trainer_config(kafka_cfg, run, every_tokens=None, trace_file=run / "trace2.jsonl",
                           max_tokens=ck_tokens + 12_000)
     t = Trainer(cfg2)
     assert t.tokens == ck_tokens
     t.run()
-    trained.update(trace_counts(run / "trace2.jsonl"))
+    second = trace_counts(run / "trace2.jsonl")
+    again = [k for k in second if k[2] < ck_offsets[k[1]]]
+    assert not again, f"the resumed run trained messages its checkpoint had covered: {again[:5]}"
     rereads = _value(t.metrics.duplicates_reread)
     assert 0 < rereads <= (8 * 1024 + 4 * 128 + 65536) / 50 + 4  # age bound + queue, in 50-token messages
 
-    final = CheckpointStore(run, 2, writer=False)
-    offsets = final.read_offsets(final.latest())[kafka_cfg.topic]
-    messages = topic_messages(kafka_cfg)
-    below = [k for k in messages if k[2] < offsets.get(k[1], 0)]
-    assert len(below) > 100
-    short = {k: (trained[k], messages[k][2]) for k in below if trained[k] < messages[k][2]}
-    assert not short, f"messages below the resume offsets not fully trained: {list(short.items())[:5]}"
+    # what counts: the killed run's work below its checkpoint's offsets, then the resumed run's
+    trained = first.copy()
+    for k in [k for k in trained if k[2] >= ck_offsets[k[1]]]:
+        del trained[k]
+    trained.update(second)
+    final = store.read_offsets(store.latest())[kafka_cfg.topic]
+    assert check_offsets_exact(messages, final, trained, kafka_cfg.topic) > 100
 
 
 def test_second_trainer_on_a_run_dir_is_refused(kafka_cfg, tmp_path):
@@ -100,13 +106,23 @@ def test_two_runs_in_two_groups_each_see_the_whole_stream(kafka_cfg, tmp_path):
 def test_restart_rejoins_the_group_at_its_committed_offsets(kafka_cfg, tmp_path):
     """A new run dir (no checkpoint) with the same group starts where the group's committed offsets say."""
     publish(kafka_cfg, random_acts(8000, 16, seed=3), tokens_per_msg=40)
-    Trainer(trainer_config(kafka_cfg, tmp_path / "a", max_tokens=3072)).run()
+    Trainer(trainer_config(kafka_cfg, tmp_path / "a", max_tokens=3072, trace_file=tmp_path / "a.jsonl")).run()
+    messages = topic_messages(kafka_cfg)
     committed = CheckpointStore(tmp_path / "a", 2, writer=False)
     offsets = committed.read_offsets(committed.latest())[kafka_cfg.topic]
+    trained = trace_counts(tmp_path / "a.jsonl")
+    assert check_offsets_exact(messages, offsets, trained, kafka_cfg.topic) >= 1
     cfg = trainer_config(kafka_cfg, tmp_path / "b", max_tokens=1024, trace_file=tmp_path / "b.jsonl")
-    Trainer(cfg).run()
-    for (_topic, part, off) in trace_counts(tmp_path / "b.jsonl"):
-        assert off >= offsets.get(part, 0), (part, off, offsets)
+    b = Trainer(cfg)
+    b.run()
+    second = trace_counts(tmp_path / "b.jsonl")
+    assert not [k for k in second if k[2] < offsets[k[1]]], "b trained what a had checkpointed"
+    assert _value(b.metrics.duplicates_reread) == 0
+    for k in [k for k in trained if k[2] >= offsets[k[1]]]:
+        del trained[k]
+    trained.update(second)
+    store_b = CheckpointStore(tmp_path / "b", 2, writer=False)
+    check_offsets_exact(messages, store_b.read_offsets(store_b.latest())[kafka_cfg.topic], trained, kafka_cfg.topic)
 
 
 def test_poison_messages_are_counted_and_skipped(kafka_cfg, tmp_path):
@@ -157,8 +173,15 @@ def test_train_from_cached_file_and_replay_it(kafka_cfg, tmp_path):
     acts = random_acts(3000, 16, seed=6).numpy()
     path = tmp_path / "acts.npy"
     np.save(path, acts)
-    t = Trainer(trainer_config(kafka_cfg, tmp_path / "file-run", every_tokens=None), activation_file=path)
-    assert t.run() == (1 + (3000 - 1024) // 128) * 128  # one step per full buffer; the rest stays untrained
+    t = Trainer(trainer_config(kafka_cfg, tmp_path / "file-run", every_tokens=None, trace_file=tmp_path / "tr"),
+                activation_file=path)
+    assert t.run() == 3000  # the end of the file drains the buffer: every token trained, the last batch smaller
+    counts = trace_counts(tmp_path / "tr")
+    assert counts == {("file:acts.npy", 0, lo): min(1024, 3000 - lo) for lo in range(0, 3000, 1024)}
+    final = CheckpointStore(tmp_path / "file-run", 2, writer=False).latest()
+    assert CheckpointStore.read_offsets(final) == {"file:acts.npy": {0: 3000}}
+    assert Trainer(trainer_config(kafka_cfg, tmp_path / "file-run", every_tokens=None),
+                   activation_file=path).run() == 3000  # resumed: nothing left to train
     out = subprocess.run(
         [sys.executable, "-m", "streamd", "replay", str(path), "--site-id", f"{SITE_ID:x}",
          "--bootstrap", kafka_cfg.bootstrap_servers[0], "--topic", kafka_cfg.topic],
@@ -194,3 +217,160 @@ def test_trainer_rides_out_a_broker_that_restarts_empty(broker, tmp_path):
     t.stop()
     worker.join(timeout=60)
     assert not worker.is_alive()
+
+
+def test_a_quiet_stream_keeps_the_trainer_waiting_and_says_so(kafka_cfg, tmp_path):
+    """The producer stops: the trainer does not stop (a stream has no end), and /readyz and the progress line say
+    that it is waiting for data."""
+    import urllib.error
+    import urllib.request
+
+    publish(kafka_cfg, random_acts(3000, 16, seed=11), tokens_per_msg=50)
+    lines: list[str] = []
+    t = Trainer(trainer_config(kafka_cfg, tmp_path / "run", every_tokens=None), progress_every_s=0.2,
+                on_progress=lambda p: lines.append(p.line()))
+    worker = threading.Thread(target=t.run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    body = ""
+    while "waiting for data" not in body or not any("waiting for data" in ln for ln in lines):
+        assert worker.is_alive(), "the trainer stopped when the stream went quiet"
+        assert time.monotonic() < deadline, (body, lines[-3:])
+        time.sleep(0.3)
+        try:
+            with urllib.request.urlopen(t.server.url + "/readyz", timeout=5) as r:
+                body = r.read().decode()
+        except urllib.error.HTTPError as e:  # 503 while the buffer fills
+            body = e.read().decode()
+            assert "waiting for data" not in body
+    assert t.tokens > 0 and worker.is_alive()
+    publish(kafka_cfg, random_acts(1000, 16, seed=12), producer_id="later", tokens_per_msg=50)
+    before = t.tokens
+    while t.tokens == before:  # data again: training resumes, and readiness says training
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.1)
+    t.stop()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+
+
+def test_full_disk_for_history_trace_and_checkpoints_training_goes_on(kafka_cfg, tmp_path, monkeypatch, caplog):
+    """The disk fills up at 2048 tokens and frees again at 4608: history and trace writes fail (counted, logged
+    once, skipped), checkpoints fail (counted); training never stops and the final checkpoint has everything."""
+    from streamd.run.history import MetricsHistory, read_history
+    from streamd.train import trainer as trainer_mod
+
+    acts = random_acts(6000, 16, seed=13).numpy()
+    np.save(tmp_path / "acts.npy", acts)
+    run = tmp_path / "run"
+    full = {"on": False}
+
+    def on_progress(p):
+        full["on"] = 2048 <= p.tokens < 4608
+
+    def failing(real):
+        def write(*args, **kwargs):
+            if full["on"]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args, **kwargs)
+        return write
+
+    monkeypatch.setattr(MetricsHistory, "append", failing(MetricsHistory.append))
+    monkeypatch.setattr(trainer_mod.TraceFile, "write", failing(trainer_mod.TraceFile.write))
+    monkeypatch.setattr(checkpoints, "write_bytes", failing(checkpoints.write_bytes))
+    t = Trainer(trainer_config(kafka_cfg, run, every_tokens=512, trace_file=tmp_path / "trace.jsonl"),
+                activation_file=tmp_path / "acts.npy", progress_every_s=0.0, on_progress=on_progress)
+    with caplog.at_level("ERROR"):
+        assert t.run() == 6000
+    assert _value(t.metrics.history_write_failures, file="history") >= 10
+    assert _value(t.metrics.history_write_failures, file="trace") >= 10
+    assert _value(t.metrics.checkpoint_failures) >= 3 and _value(t.metrics.checkpoints) >= 3
+    said = [r.getMessage() for r in caplog.records if "failed" in r.getMessage() and "writing the" in r.getMessage()]
+    assert len([m for m in said if "history" in m]) == 1 and len([m for m in said if "trace" in m]) == 1, said
+    assert _latest_tokens(run) == 6000
+    store = CheckpointStore(run, 2, writer=False)
+    for info in store.list():
+        store.verify(info.path)
+    assert [r["tokens"] for r in read_history(run)][-1] == 6000
+    assert not [r for r in read_history(run) if 2048 < r["tokens"] < 4608]
+
+
+def test_resume_verifies_and_falls_back_to_the_newest_good_checkpoint(kafka_cfg, tmp_path, caplog):
+    np.save(tmp_path / "acts.npy", random_acts(4000, 16, seed=14).numpy())
+    run = tmp_path / "run"
+
+    def cfg(**kw):
+        c = trainer_config(kafka_cfg, run, every_tokens=512, max_tokens=2048, **kw)
+        c.checkpoints.keep_last = 3
+        return c
+
+    assert Trainer(cfg(), activation_file=tmp_path / "acts.npy").run() == 2048
+    store = CheckpointStore(run, 3, writer=False)
+    infos = store.list()
+    assert [i.tokens for i in infos] == [1024, 1536, 2048] and store.latest() == infos[-1].path
+    weights = infos[-1].path / "t" / "sae_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-2] ^= 0x40
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("ERROR"):
+        t = Trainer(cfg(), activation_file=tmp_path / "acts.npy")
+    assert t.tokens == 1536 and _value(t.metrics.resume_fallbacks) == 1
+    assert any("OLDER CHECKPOINT" in r.getMessage() and infos[1].id in r.getMessage() for r in caplog.records)
+    t.lock.release(), t.server.stop()
+
+    (run / "checkpoints" / "latest").unlink()  # no pointer: the newest good one on disk, also loudly
+    t = Trainer(cfg(), activation_file=tmp_path / "acts.npy")
+    assert t.tokens == 1536 and _value(t.metrics.resume_fallbacks) == 1
+    t.lock.release(), t.server.stop()
+
+    for info in infos[:2]:
+        (info.path / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        Trainer(cfg(), activation_file=tmp_path / "acts.npy")
+    assert all(i.id in str(e.value) for i in infos) and "sae_weights.safetensors: sha256" in str(e.value)
+    assert "trainer_state.pt: sha256" in str(e.value)
+    from streamd.run.lock import RunLock
+    RunLock(run).release()  # the failed start left the run unlocked
+
+
+def test_activation_file_is_checked_in_chunks_and_stays_mapped(tmp_path, monkeypatch):
+    """The finiteness check of a memory-mapped .npy reads it a chunk at a time (never n x d bytes at once), and the
+    tensor handed to the source is still the file's map."""
+    from streamd.train import file_source
+
+    monkeypatch.setattr(file_source, "FINITE_CHECK_BYTES", 100 * 16 * 4)  # 100 rows of float32 at a time
+    acts = random_acts(1000, 16, seed=15).numpy()
+    np.save(tmp_path / "good.npy", acts)
+    acts[987, 5] = np.inf
+    np.save(tmp_path / "bad.npy", acts)
+    sizes, real = [], torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: (sizes.append(t.numel()), real(t))[1])
+    with pytest.raises(ValueError, match="non-finite values .first in row 987"):
+        file_source.load_activation_file(tmp_path / "bad.npy")
+    t = file_source.load_activation_file(tmp_path / "good.npy")
+    assert sizes and max(sizes) <= 100 * 16
+    ptr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= ptr < hi:
+            assert line.endswith(str(tmp_path / "good.npy")), line
+            break
+    else:
+        raise AssertionError("tensor memory not found in /proc/self/maps")
+    src = file_source.FileActivationSource(tmp_path / "good.npy", chunk_tokens=300)
+    chunk = src.get(0)
+    chunk.acts.fill_(7.0)  # a chunk is owned, never the read-only map
+    assert torch.equal(src.acts[:300], torch.from_numpy(np.load(tmp_path / "good.npy")[:300]))
+
+
+def test_a_checkpoint_names_partitions_not_read_since_the_resume(kafka_cfg):
+    """Partitions the resumed run has not read (or not placed) yet keep the checkpoint's offsets: a checkpoint taken
+    before them still names them, instead of leaving them to the group's committed offsets."""
+    from streamd.metrics import TrainerMetrics
+    from streamd.train.kafka_source import KafkaActivationSource
+
+    topic = kafka_cfg.topic
+    src = KafkaActivationSource(kafka_cfg, topic, "g", TrainerMetrics(["t"], wire.REJECT_REASONS),
+                                expected_site_id=SITE_ID, d_in=16, queue_tokens=4096,
+                                start_offsets={(topic, 3): 42, (topic, 1): 7})
+    assert src.positions() == {(topic, 3): 42, (topic, 1): 7}

@@ -82,11 +82,24 @@ class CheckpointInfo:
     path: Path
 
 
-def checkpoint_id(tokens: int) -> str:
-    """Zero-padded tokens trained: lexical order equals numeric order up to 10^12 tokens, int order beyond."""
-    if tokens < 0:
-        raise ValueError(f"tokens must be >= 0, got {tokens}")
-    return f"{tokens:012d}"
+SEQ_DIGITS, TOKEN_DIGITS = 6, 14
+
+
+def checkpoint_id(seq: int, tokens: int) -> str:
+    """The ``seq``-th checkpoint of a run, at ``tokens`` tokens: 20 digits, write sequence first.
+
+    Ids sort (numerically, as retention sorts them) in write order even after a rollback to an older checkpoint,
+    and never repeat within a run, so a resumed run never re-points ``latest`` at an older directory that holds
+    other weights and offsets. Ids of streamd 0.1 (12 digits, tokens only) read as sequence 0.
+    """
+    if tokens < 0 or not 0 < seq < 10**SEQ_DIGITS or tokens >= 10**TOKEN_DIGITS:
+        raise ValueError(f"checkpoint sequence {seq} / tokens {tokens} out of range")
+    return f"{seq:0{SEQ_DIGITS}d}{tokens:0{TOKEN_DIGITS}d}"
+
+
+def checkpoint_seq(ckid: str) -> int:
+    """The write sequence number of an id (0 for the 12-digit ids of streamd 0.1)."""
+    return int(ckid[:SEQ_DIGITS]) if len(ckid) == SEQ_DIGITS + TOKEN_DIGITS else 0
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -203,9 +216,10 @@ class CheckpointStore:
     ) -> Path:
         """Write one complete checkpoint and point ``latest`` at it; return its directory.
 
-        On any OSError (ENOSPC included) the partial write is removed, ``latest`` and earlier checkpoints are left
-        as they were, and CheckpointError is raised with the OSError as cause. A checkpoint with the same id
-        already on disk holds the same training state (no tokens trained since), so it is kept and re-pointed.
+        On any OSError the partial write is removed, ``latest`` and earlier checkpoints are left as they were, and
+        CheckpointError is raised with the OSError as cause. On ENOSPC the store first frees every checkpoint but the
+        one ``latest`` names (the newest good one) and tries once more. Every call writes a new checkpoint under a
+        new id (see :func:`checkpoint_id`).
         ``manifest`` keys ``model_name``, ``context_size``, ``prepend_bos``, ``streamd_version`` also go into each
         SAE's SAELens metadata.
         """
@@ -213,16 +227,8 @@ class CheckpointStore:
             raise CheckpointError("this CheckpointStore was opened read-only (writer=False)")
         if len({s.name for s in saes}) != len(saes) or not saes:
             raise ValueError(f"need one or more SAEs with unique names, got {[s.name for s in saes]}")
-        ckid = checkpoint_id(tokens)
+        ckid = checkpoint_id(self._next_seq(), tokens)
         final = self.dir / ckid
-        if final.is_dir():
-            log.info("checkpoint %s already exists; pointing latest at it", ckid)
-            try:
-                self._commit_latest(ckid)
-            except OSError as e:
-                raise CheckpointError(f"pointing latest at {ckid} failed: {e}") from e
-            self._apply_retention()
-            return final
 
         files: dict[str, bytes] = {}
         for sae in saes:
@@ -243,28 +249,62 @@ class CheckpointStore:
         }
         files[MANIFEST] = _json_bytes(full_manifest)  # last: its presence marks the temp dir as fully written
 
+        try:
+            self._write_dir(ckid, files, [s.name for s in saes])
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not self._free_space():
+                raise self._failed(ckid, e) from e
+            log.warning("checkpoint %s: no space left on device; freed older checkpoints, trying once more", ckid)
+            try:
+                self._write_dir(ckid, files, [s.name for s in saes])
+            except OSError as e2:
+                raise self._failed(ckid, e2) from e2
+        log.info("checkpoint %s written (%d files, %.1f MB)", ckid, len(files), sum(map(len, files.values())) / 1e6)
+        self._apply_retention()
+        return final
+
+    @staticmethod
+    def _failed(ckid: str, e: OSError) -> CheckpointError:
+        reason = "no space left on device" if e.errno == errno.ENOSPC else str(e)
+        return CheckpointError(f"writing checkpoint {ckid} failed: {reason}")
+
+    def _write_dir(self, ckid: str, files: dict[str, bytes], sae_names: list[str]) -> None:
+        """Temp dir, files, fsyncs, rename, pointer; on OSError nothing of it is left and the error propagates."""
+        final = self.dir / ckid
         tmp = self.dir / f"{TMP_PREFIX}{ckid}-{secrets.token_hex(4)}"
         renamed = False
         try:
             tmp.mkdir()
-            for s in saes:
-                (tmp / s.name).mkdir()
+            for name in sae_names:
+                (tmp / name).mkdir()
             for rel, data in files.items():
                 write_bytes(tmp / rel, data)
-            for s in saes:
-                fsync_dir(tmp / s.name)
+            for name in sae_names:
+                fsync_dir(tmp / name)
             fsync_dir(tmp)
             os.rename(tmp, final)
             renamed = True
             fsync_dir(self.dir)
             self._commit_latest(ckid)
-        except OSError as e:
+        except OSError:
             self._discard(final if renamed else tmp)
-            reason = "no space left on device" if e.errno == errno.ENOSPC else str(e)
-            raise CheckpointError(f"writing checkpoint {ckid} failed: {reason}") from e
-        log.info("checkpoint %s written (%d files, %.1f MB)", ckid, len(files), sum(map(len, files.values())) / 1e6)
-        self._apply_retention()
-        return final
+            raise
+
+    def _free_space(self) -> bool:
+        """Out of space: remove every checkpoint but the one ``latest`` names. True when anything was removed."""
+        keep = self._latest_id()
+        if keep is None or not (self.dir / keep).is_dir():
+            return False  # without a good checkpoint to keep, nothing is deleted to make room
+        doomed = [p for p in self.dir.iterdir() if ID_RE.match(p.name) and p.is_dir() and p.name != keep]
+        for p in doomed:
+            log.warning("no space left: removing checkpoint %s (keeping %s)", p.name, keep)
+            self._discard(p)
+        return bool(doomed)
+
+    def _next_seq(self) -> int:
+        """One more than any sequence number on disk or named by ``latest``."""
+        ids = [p.name for p in self.dir.iterdir() if ID_RE.match(p.name)] + [self._latest_id() or "0" * 12]
+        return 1 + max(checkpoint_seq(i) for i in ids)
 
     def _commit_latest(self, ckid: str) -> None:
         tmp = self.dir / f"{TMP_PREFIX}latest-{secrets.token_hex(4)}"
@@ -315,6 +355,16 @@ class CheckpointStore:
         """The directory ``latest`` names, or None when there is no pointer (or it names a missing checkpoint)."""
         ckid = self._latest_id()
         return self.dir / ckid if ckid and (self.dir / ckid).is_dir() else None
+
+    def latest_id(self) -> str | None:
+        """The id ``latest`` names (well-formed, whether or not that directory exists), or None."""
+        return self._latest_id()
+
+    def ids(self) -> list[str]:
+        """Ids of the checkpoint directories on disk, in write order (oldest first), readable or not."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((p.name for p in self.dir.iterdir() if ID_RE.match(p.name) and p.is_dir()), key=int)
 
     def path(self, ckid: str) -> Path | None:
         """The directory of checkpoint ``ckid`` if it is a well-formed id that exists."""

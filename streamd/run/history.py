@@ -51,8 +51,29 @@ class MetricsHistory:
             size = 0
         if size and size + len(line) > self.max_bytes:
             os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        with open(self.path, "ab") as f:
-            f.write(line)
+            size = 0
+        append_line(self.path, line, size)
+
+
+def append_line(path: Path, line: bytes, size: int | None = None) -> None:
+    """Append one whole line or nothing: a write that fails (ENOSPC) is cut back off before the error propagates, so
+    a torn record never glues itself onto the next one. ``size``: the file's size before, when known."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if size is None:
+            size = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:

@@ -109,6 +109,20 @@ class ShuffleBuffer:
         self.served += b
         return batch
 
+    def sample_rest(self) -> torch.Tensor | None:
+        """After a finite source ended: up to ``batch_size`` of the tokens still held, drawn at random, each served
+        once (the last batch may be smaller); None when none is left."""
+        live = (self.source >= 0).nonzero().flatten()
+        if len(live) == 0:
+            return None
+        slots = live[torch.randperm(len(live), generator=self._gen, device=self.device)[: self.batch_size]]
+        batch = self.data[slots].float()
+        self.last_origins = (self.source[slots].clone(), self.offset[slots].clone())
+        self.source[slots] = -1
+        self._free, self._next_free = torch.cat([self._free[self._next_free :], slots]), 0
+        self.served += len(slots)
+        return batch
+
     def pending_offsets(self) -> dict[int, int]:
         """Per source index, the lowest offset that still has an untrained token in the buffer."""
         live = self.source >= 0

@@ -41,15 +41,43 @@ class Resume:
     reread_below: dict[SourceKey, int] = field(default_factory=dict)  # what was read before: a re-read below it
 
 
-def read_resume(store: CheckpointStore) -> Resume:
-    latest = store.latest()
-    if latest is None:
-        return Resume()
-    state = store.read_trainer_state(latest)
-    start = {(topic, int(part)): off for topic, parts in store.read_offsets(latest).items()
-             for part, off in parts.items()}
-    log.info("resuming from checkpoint %s at %d tokens", latest.name, state["tokens"])
-    return Resume(state["tokens"], state, start, {tuple(k): v for k, v in state["positions"]})
+def read_resume(store: CheckpointStore, metrics: TrainerMetrics | None = None) -> Resume:
+    """The state of the newest good checkpoint: ``latest``, verified against its manifest's hashes; if it is corrupt
+    (or ``latest`` is missing), the newest older one that verifies, with a loud log line and
+    ``streamd_resume_fallbacks_total``. Raises CheckpointError naming every fault when checkpoints exist but none is
+    good: starting afresh would re-read the stream from the group's committed offsets and lose the trained state."""
+    pointed = store.latest_id()
+    ids = store.ids()
+    if pointed is not None and pointed in ids:
+        candidates = [pointed] + [i for i in reversed(ids) if int(i) < int(pointed)]
+    else:
+        candidates = list(reversed(ids))
+        if candidates:
+            log.error("checkpoints/latest %s; looking for the newest good checkpoint among %d on disk",
+                      f"names {pointed}, which does not exist" if pointed else "is missing", len(candidates))
+    faults: list[str] = []
+    for ckid in candidates:
+        path = store.dir / ckid
+        try:
+            store.verify(path)
+            state = store.read_trainer_state(path)
+            offsets = store.read_offsets(path)
+        except CheckpointError as e:
+            log.error("checkpoint %s cannot be resumed from: %s", ckid, e)
+            faults.append(f"{ckid}: {e}")
+            continue
+        if ckid != pointed:
+            log.error("RESUMING FROM AN OLDER CHECKPOINT %s at %d tokens (latest: %s); what was trained after it is "
+                      "trained again", ckid, state["tokens"], pointed or "none")
+            if metrics is not None:
+                metrics.resume_fallbacks.inc()
+        else:
+            log.info("resuming from checkpoint %s at %d tokens", ckid, state["tokens"])
+        start = {(topic, int(part)): off for topic, parts in offsets.items() for part, off in parts.items()}
+        return Resume(state["tokens"], state, start, {tuple(k): v for k, v in state["positions"]})
+    if faults:
+        raise CheckpointError(f"no checkpoint in {store.dir} can be resumed from:\n  " + "\n  ".join(faults))
+    return Resume()
 
 
 class Checkpointer:

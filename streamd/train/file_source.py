@@ -10,6 +10,9 @@ import torch
 from streamd.train.source import Chunk, SourceKey, staged
 
 
+FINITE_CHECK_BYTES = 64 << 20  # the finiteness check reads this much of the file at a time
+
+
 class FileActivationSource:
     """Cached activations (``.npy`` or ``.safetensors``, [n_tokens, d_in]) trained the same way as the stream.
 
@@ -44,7 +47,7 @@ class FileActivationSource:
             self._row = 0
         lo, hi = self._row, min(self._row + self.chunk_tokens, len(self.acts))
         self._row = hi
-        chunk = staged(self.acts[lo:hi], self.pin_memory)
+        chunk = staged(self.acts[lo:hi], self.pin_memory)  # owned: never a view on the read-only map
         return Chunk(chunk, self.key, lo, self.path.name, lo // self.chunk_tokens)
 
     def positions(self) -> dict[SourceKey, int]:
@@ -70,7 +73,7 @@ def load_activation_file(path: Path) -> torch.Tensor:
         arr = np.load(path, mmap_mode="r")  # chunks are copied out as they are read: the map stays read-only
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            t = torch.from_numpy(np.ascontiguousarray(arr))
+            t = torch.from_numpy(arr)  # a view on the map, strides and all: nothing is read into memory here
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -82,6 +85,9 @@ def load_activation_file(path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: expected a .npy or .safetensors file")
     if t.dim() != 2:
         raise ValueError(f"{path}: activations must be [n_tokens, d_in], got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{path}: holds non-finite values")
+    rows = max(1, FINITE_CHECK_BYTES // max(1, t.shape[1] * t.element_size()))
+    for lo in range(0, len(t), rows):  # in chunks: a whole-array check would allocate n x d bytes at once
+        if not torch.isfinite(t[lo : lo + rows]).all():
+            bad = lo + int((~torch.isfinite(t[lo : lo + rows])).any(dim=1).nonzero()[0])
+            raise ValueError(f"{path}: holds non-finite values (first in row {bad})")
     return t

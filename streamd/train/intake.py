@@ -50,6 +50,8 @@ class Intake:
         self._pending: Chunk | None = None  # what the full buffer could not take yet
         self._norm_sample: list[torch.Tensor] = []
         self._last_fill_note = 0.0
+        self.waiting_since: float | None = None  # monotonic time the source went quiet, once training had begun
+        self.on_waiting: Callable[[float], None] | None = None  # hears the seconds waited, at every empty read
 
     def fill(self) -> bool:
         """Fill the buffer's free slots; returns False when the source ended or a stop was asked before it filled."""
@@ -61,7 +63,12 @@ class Intake:
             if chunk is None:
                 if self.source.exhausted or self.stop.is_set():
                     return False
+                if self.buffer is not None and self.buffer.served:  # a stream gone quiet: keep waiting, say so
+                    self.waiting_since = self.waiting_since or time.monotonic()
+                    if self.on_waiting:
+                        self.on_waiting(time.monotonic() - self.waiting_since)
                 continue
+            self.waiting_since = None
             if self.buffer is None:
                 self.buffer = self.make_buffer(chunk.acts.shape[1])
             self._pending = self._take(chunk)

@@ -59,6 +59,9 @@ class KafkaActivationSource:
         self.queue = TokenQueue(queue_tokens)
         self._stop = threading.Event()
         self._positions: dict[SourceKey, int] = {}
+        # where each partition was placed (or the checkpoint's offset while not yet placed): its position until a
+        # record of it is handed out, so a checkpoint names every partition, read in this run or not
+        self._placed: dict[SourceKey, int] = dict(self.start_offsets)
         self._commit_req: dict[SourceKey, int] | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="streamd-ingest", daemon=True)
@@ -82,7 +85,8 @@ class KafkaActivationSource:
 
     def positions(self) -> dict[SourceKey, int]:
         with self._lock:
-            return {k: v for k, v in self._positions.items() if not self.retention.is_released(k[0])}
+            merged = {**self._placed, **self._positions}
+        return {k: v for k, v in merged.items() if not self.retention.is_released(k[0])}
 
     def queued_offsets(self) -> dict[SourceKey, int]:
         return self.queue.min_offsets()
@@ -215,7 +219,7 @@ class KafkaActivationSource:
             self.metrics.offset_resets.inc()
             consumer.seek_to_beginning(TopicPartition(topic, part))
             with self._lock:
-                self._positions[(topic, part)] = 0
+                self._positions[(topic, part)] = self._placed[(topic, part)] = 0
         self._committed_parts -= set(lost)  # their commits went with the log: judged again once re-committed
 
     def _follow(self, consumer):
@@ -254,6 +258,8 @@ class KafkaActivationSource:
         with self._lock:
             for key in [k for k in self._positions if k[0] in topics]:
                 del self._positions[key]
+            for key in [k for k in self._placed if k[0] in topics]:
+                del self._placed[key]
         self.metrics.generations_retired.inc(self.retention.delete(topics))
         while True:
             try:
@@ -292,19 +298,25 @@ class KafkaActivationSource:
                             tp.partition, ends.get(tp, 0))
                 self.reread_below.pop(key, None)
                 consumer.seek_to_beginning(tp)
+                with self._lock:
+                    self._placed[key] = 0
                 continue
             if want is None:
                 want = consumer.committed(tp)
             if want is None:
                 consumer.seek_to_beginning(tp)
+                want = 0  # the earliest: at or below the log start
             elif want > ends.get(tp, 0):
                 log.warning("offset %d of %s[%d] is past the log end %d: reading from the earliest",
                             want, tp.topic, tp.partition, ends.get(tp, 0))
                 self.metrics.offset_resets.inc()
                 self.reread_below.pop(key, None)
                 consumer.seek_to_beginning(tp)
+                want = 0
             else:
                 consumer.seek(tp, want)
+            with self._lock:
+                self._placed[key] = want
         # Commit where each partition starts (where a resume would start anyway), so that the group holds an offset
         # for every partition read from the first moment: a broker that then loses its log loses these commits too,
         # which is how the lost log is noticed even before the first checkpoint (see Retention.lost_logs).

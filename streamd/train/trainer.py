@@ -26,7 +26,7 @@ from streamd.identity import run_group_id
 from streamd.metrics import EVAL_STATS, STEP_STATS, TrainerMetrics
 from streamd.torch_utils import TORCH_DTYPES, configure_threads, resolve_device
 from streamd.run.checkpoints import CheckpointStore
-from streamd.run.history import MetricsHistory
+from streamd.run.history import MetricsHistory, append_line
 from streamd.run.lock import RunLock, RunLockedError
 from streamd.run.server import StatusServer
 from streamd.stream.retention import Retention, retention_for
@@ -41,6 +41,8 @@ from streamd.train.source import ActivationSource
 __all__ = ["Progress", "RunLockedError", "Trainer", "expected_site_id", "resolve_device"]
 
 log = logging.getLogger(__name__)
+
+WAITING_NOTE_S = 2.0  # a stream quiet this long after training began is reported as waiting for data
 
 
 def expected_site_id(cfg: StreamdConfig) -> int:
@@ -89,8 +91,12 @@ class Progress:
     tokens_per_second: float
     buffer_fill: float
     saes: dict[str, dict[str, float]] = field(default_factory=dict)  # per SAE: ``StepStats.read()``
+    waiting_s: float | None = None  # trained before, now waiting this long for the stream to send more
 
     def line(self) -> str:
+        if self.waiting_s is not None:
+            return (f"tokens {self.tokens:,} | waiting for data ({self.waiting_s:.0f}s without activations) | "
+                    f"buffer {self.buffer_fill:.0%}")
         if not self.saes:
             return f"filling the shuffle buffer: {self.buffer_fill:.0%} (training starts when it is full)"
         parts = [f"tokens {self.tokens:,}", f"{self.tokens_per_second:,.0f} tok/s", f"buffer {self.buffer_fill:.0%}"]
@@ -138,26 +144,39 @@ class Cadence:
 
 class TraceFile:
     """With ``trainer.trace_file``: one JSON line per step, the trainer's token count and, per message, how many of
-    its tokens were trained (``served``: [topic or file, partition, offset, tokens])."""
+    its tokens were trained (``served``: [topic or file, partition, offset, tokens]). A line is written whole or
+    not at all (``history.append_line``)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._f = None
-
-    def open(self) -> None:
-        if self.path:
-            self._f = open(self.path, "a")
 
     def write(self, tokens: int, served: Callable[[], list]) -> None:
-        if self._f is None:
-            return
-        self._f.write(json.dumps({"tokens": tokens, "served": served()}) + "\n")
-        self._f.flush()
+        if self.path:
+            append_line(Path(self.path), (json.dumps({"tokens": tokens, "served": served()}) + "\n").encode())
 
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+
+class SkippedWrites:
+    """Writes besides checkpoints (metrics history, trace) that fail are counted, logged once per interval and
+    skipped: a full disk must not stop training (checkpoints have their own handling)."""
+
+    def __init__(self, metrics: TrainerMetrics, log_every_s: float = 60.0) -> None:
+        self.metrics, self.log_every_s = metrics, log_every_s
+        self._since_log: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def attempt(self, what: str, write: Callable[[], None]) -> bool:
+        try:
+            write()
+            return True
+        except OSError as e:
+            self.metrics.history_write_failures.labels(file=what).inc()
+            self._since_log[what] = self._since_log.get(what, 0) + 1
+            now = time.monotonic()
+            if now - self._logged_at.get(what, -1e18) >= self.log_every_s:
+                log.error("writing the %s failed (%d writes skipped since the last message), training goes on: %s",
+                          what, self._since_log[what], e)
+                self._logged_at[what], self._since_log[what] = now, 0
+            return False
 
 
 class Trainer:
@@ -193,8 +212,9 @@ class Trainer:
         self._last_stats: dict[str, StepStats] = {}  # the last step's, read at the progress cadence
         self._last_eval: dict[str, dict[str, float]] = {}  # the last evaluation's, beside them
         self.trace = TraceFile(self.tcfg.trace_file)
+        self.skipped = SkippedWrites(self.metrics)
         self.cadence: Cadence | None = None  # from run() on
-        resume = read_resume(self.store)
+        resume = read_resume(self.store, self.metrics)
         self.tokens = resume.tokens
         self._resume_state = resume.state
         self.tcfg.group_id = run_group_id(self.tcfg.run_dir, self.tcfg.group_id)  # recorded in the run directory
@@ -204,6 +224,8 @@ class Trainer:
         state = resume.state or {}
         self.intake = Intake(source, self.tcfg, self.metrics, self._set_up, self.stop_event,
                              on_filling=self._note_filling, scale=state.get("scale"), eval_set=state.get("eval_set"))
+        self.intake.on_waiting = self._note_waiting
+        self._waiting_noted = 0.0
         self.checkpointer = Checkpointer(cfg, self.store, self.metrics, retention, site)
         self.server = StatusServer.from_config(cfg.metrics, self.metrics.registry, self.store, self.ready).start()
         # /healthz and /readyz answer from construction on, while the first activations are awaited
@@ -250,29 +272,41 @@ class Trainer:
             return False, "waiting for the first activations"
         if not self.buffer.full and self.buffer.served == 0:
             return False, f"filling the shuffle buffer ({self.buffer.fill_ratio:.0%})"
+        since = self.intake.waiting_since
+        if since is not None and time.monotonic() - since >= WAITING_NOTE_S:
+            return True, (f"waiting for data: no activations for {time.monotonic() - since:.0f}s "
+                          f"(trained {self.tokens:,} tokens; buffer {self.buffer.fill_ratio:.0%})")
         return True, "training"
 
     def _note_filling(self, fill: float) -> None:
         if self.on_progress:
             self.on_progress(Progress(self.tokens, 0.0, fill))
 
+    def _note_waiting(self, waited: float) -> None:
+        """The stream went quiet after training began: the progress line says so, at the progress cadence."""
+        now = time.monotonic()
+        if waited < WAITING_NOTE_S or now - self._waiting_noted < self.progress_every_s:
+            return
+        self._waiting_noted = now
+        self.metrics.tokens_per_second.set(0)
+        if self.on_progress:
+            self.on_progress(Progress(self.tokens, 0.0, self.buffer.fill_ratio, waiting_s=waited))
+
     # --- the loop -----------------------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Train until max_tokens, the end of a file source, or stop(); always leaves a final checkpoint."""
         t = self.tcfg
-        self.trace.open()
         self.source.start()
         self.cadence = Cadence(t, self.cfg.checkpoints, self.progress_every_s, self.tokens)
         try:
-            while not self.stop_event.is_set() and (t.max_tokens is None or self.tokens < t.max_tokens):
+            while self._more():
                 if not self._ingest():
                     break
-                self._step()
-                now = time.monotonic()
-                self._maybe_evaluate()
-                self._maybe_record(now)
-                self._maybe_checkpoint(now)
+                self._step(self.buffer.sample())
+                self._after_step()
+            if self.source.exhausted and self.buffer is not None and self.scale is not None:
+                self._drain()
             if self._last_stats:  # the final state, whatever the cadence
                 self._record(self.cadence.recorded(self.tokens, time.monotonic()))
             if self.learners and self.cadence.unsaved(self.tokens):
@@ -282,7 +316,6 @@ class Trainer:
             self.source.close()
             self.server.stop()
             self.lock.release()
-            self.trace.close()
         return self.tokens
 
     def _ingest(self) -> bool:
@@ -292,14 +325,29 @@ class Trainer:
         self.metrics.training_ready.set(1)
         return True
 
-    def _step(self) -> None:
-        x = self.buffer.sample() * self.scale
+    def _more(self) -> bool:
+        return not self.stop_event.is_set() and (self.tcfg.max_tokens is None or self.tokens < self.tcfg.max_tokens)
+
+    def _after_step(self) -> None:
+        now = time.monotonic()
+        self._maybe_evaluate()
+        self._maybe_record(now)
+        self._maybe_checkpoint(now)
+
+    def _drain(self) -> None:
+        """A finite source ended: train every token still in the buffer once, then the final checkpoint follows."""
+        while self._more() and (x := self.buffer.sample_rest()) is not None:
+            self._step(x)
+            self._after_step()
+
+    def _step(self, x: torch.Tensor) -> None:
+        x = x * self.scale
         for name, learner in self.learners.items():
             self._last_stats[name] = learner.step(x)  # device values: read at the progress cadence
             self.metrics.tokens_trained.labels(sae=name).inc(len(x))
         self.tokens += len(x)
         self.metrics.buffer_fill_ratio.set(self.buffer.fill_ratio)
-        self.trace.write(self.tokens, self.intake.last_served)
+        self.skipped.attempt("trace", lambda: self.trace.write(self.tokens, self.intake.last_served))
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         if self.eval_set is None or len(self.eval_set) == 0:
@@ -339,8 +387,9 @@ class Trainer:
             self.metrics.set_density(name, hist)
             saes[name] = {**vals, "density_histogram": hist}
         fill = self.buffer.fill_ratio if self.buffer else 0.0
-        self.history.append({"time": time.time(), "tokens": self.tokens, "tokens_per_second": rate,
-                             "buffer_fill": fill, "saes": saes})
+        record = {"time": time.time(), "tokens": self.tokens, "tokens_per_second": rate, "buffer_fill": fill,
+                  "saes": saes}
+        self.skipped.attempt("history", lambda: self.history.append(record))
         if self.on_progress:
             self.on_progress(Progress(self.tokens, rate, fill, stats))
 
