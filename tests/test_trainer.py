@@ -106,13 +106,17 @@ def test_two_runs_in_two_groups_each_see_the_whole_stream(kafka_cfg, tmp_path):
 def test_restart_rejoins_the_group_at_its_committed_offsets(kafka_cfg, tmp_path):
     """A new run dir (no checkpoint) with the same group starts where the group's committed offsets say."""
     publish(kafka_cfg, random_acts(8000, 16, seed=3), tokens_per_msg=40)
-    Trainer(trainer_config(kafka_cfg, tmp_path / "a", max_tokens=3072, trace_file=tmp_path / "a.jsonl")).run()
+    # 5 buffer-fulls: a message is trained in full with probability ~(1 - e^-5)^40 per partition, so almost surely
+    # one partition has a fully trained prefix to check
+    Trainer(trainer_config(kafka_cfg, tmp_path / "a", max_tokens=5120, trace_file=tmp_path / "a.jsonl",
+                           group_id="shared")).run()  # one group given to both runs (by default each has its own)
     messages = topic_messages(kafka_cfg)
     committed = CheckpointStore(tmp_path / "a", 2, writer=False)
     offsets = committed.read_offsets(committed.latest())[kafka_cfg.topic]
     trained = trace_counts(tmp_path / "a.jsonl")
     assert check_offsets_exact(messages, offsets, trained, kafka_cfg.topic) >= 1
-    cfg = trainer_config(kafka_cfg, tmp_path / "b", max_tokens=1024, trace_file=tmp_path / "b.jsonl")
+    cfg = trainer_config(kafka_cfg, tmp_path / "b", max_tokens=1024, trace_file=tmp_path / "b.jsonl",
+                         group_id="shared")
     b = Trainer(cfg)
     b.run()
     second = trace_counts(tmp_path / "b.jsonl")
