@@ -194,3 +194,37 @@ def test_trainer_rides_out_a_broker_that_restarts_empty(broker, tmp_path):
     t.stop()
     worker.join(timeout=60)
     assert not worker.is_alive()
+
+
+@pytest.mark.parametrize("factor", [8.0, None])
+def test_replayed_file_with_massive_tokens_keeps_the_scale(kafka_cfg, tmp_path, factor):
+    """Activations streamd's producer did not filter (a cached file) with 30 planted massive tokens (100x the typical
+    norm, as the shipped model's position-1 tokens): with trainer.outlier_factor they are dropped before the held-out
+    set and the buffer and counted, and the scale is within 0.5% of the same file's without them. Without the guard
+    the mean-norm scale is off by about 2x (what the test fails on)."""
+    clean = random_acts(3000, 16, seed=7)
+    planted = torch.arange(40, 3000, 100)  # 30 rows, the first ones inside the held-out set and the norm sample
+    dirty = clean.clone()
+    dirty_rows = list(clean.unbind())
+    for i in reversed(planted.tolist()):
+        dirty_rows.insert(i, clean[i] * 100.0)
+    dirty = torch.stack(dirty_rows)
+    scales, trainers = {}, {}
+    for name, acts in (("clean", clean), ("dirty", dirty)):
+        path = tmp_path / f"{name}.npy"
+        np.save(path, acts.numpy())
+        cfg = trainer_config(kafka_cfg, tmp_path / f"run-{name}", every_tokens=None, eval_tokens=256,
+                             outlier_factor=factor)
+        t = Trainer(cfg, activation_file=path)
+        t.run()
+        scales[name], trainers[name] = t.scale, t
+    moved = abs(scales["dirty"] / scales["clean"] - 1)
+    dropped = trainers["dirty"].metrics.outlier_tokens.labels(reason="norm")._value.get()
+    if factor is None:
+        assert moved > 0.3 and dropped == 0
+        return
+    assert moved < 0.005, scales
+    assert dropped == len(planted)
+    assert trainers["clean"].metrics.outlier_tokens.labels(reason="norm")._value.get() == 0
+    held_out = trainers["dirty"].eval_set.float().norm(dim=1)
+    assert float(held_out.max()) < 8 * float(held_out.median())
