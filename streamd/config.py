@@ -157,6 +157,13 @@ class ProducerConfig(Strict):
     wire_dtype: ModelDType = "float16"
     sites: list[SiteSpec] = Field(default_factory=lambda: [SiteSpec()], min_length=1)
     context_length: int = Field(128, ge=2, le=32768)
+    skip_positions: int = Field(
+        1, ge=0, description="token policy: the first positions after a window's leading BOS are never published "
+        "(massive-activation tokens inherit the attention sink there); a window that continues a document repeats "
+        "the previous window's last tokens there as context, so no token is lost. 0: off")
+    outlier_factor: float | None = Field(
+        8.0, gt=1, description="token policy: a token whose norm is above this many times the site's running median "
+        "norm is not published (streamd_outlier_tokens_total{reason=\"norm\"}). null: off")
     batch_size: int = Field(8, ge=1)
     source: SourceConfig = Field(default_factory=SourceConfig)
     producer_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", max_length=255)
@@ -169,6 +176,13 @@ class ProducerConfig(Strict):
     max_tokens: int | None = Field(None, ge=1)
     device: str = "cpu"
     metrics_port: int = Field(9401, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _skip_fits(self) -> ProducerConfig:
+        if self.skip_positions >= self.context_length - 1:
+            raise ValueError(f"producer.skip_positions ({self.skip_positions}) must be below context_length - 1 "
+                             f"({self.context_length - 1}): a window needs a position to publish")
+        return self
 
 
 class SAEConfig(Strict):
@@ -303,6 +317,11 @@ class TrainerConfig(Strict):
     max_tokens: int | None = Field(None, ge=1, description="stop after this many; enables lr decay")
     decay_fraction: float = Field(0.2, ge=0, le=1, description="last fraction of max_tokens with linear lr decay")
     norm_estimate_tokens: int = Field(32768, ge=1)
+    outlier_factor: float | None = Field(
+        8.0, gt=1, description="a token whose norm is above this many times the running median norm is dropped "
+        "before the held-out set and the buffer (activations streamd's producer did not filter: replayed files, "
+        "other producers), and the scale comes from the mean norm of the tokens below it "
+        "(streamd_outlier_tokens_total{reason=\"norm\"}). null: off, scale from the plain mean norm")
     dead_window_tokens: int = Field(10_000_000, ge=1)
     dense_threshold: float = Field(0.1, gt=0, le=1)
     density_window_tokens: int = Field(1_000_000, ge=1)

@@ -186,6 +186,11 @@ class TrainerMetrics:
                                      namespace=ns, registry=reg)
         self.consumer_group = Gauge("consumer_group", "Always 1; the group label is this run's consumer group.",
                                     ["group"], namespace=ns, registry=reg)
+        self.outlier_tokens = Counter(
+            "outlier_tokens", "Tokens dropped before the held-out set and the shuffle buffer, by reason: norm (above "
+            "trainer.outlier_factor x the running median norm). Counted as trained for resume.", ["reason"],
+            namespace=ns, registry=reg)
+        self.outlier_tokens.labels(reason="norm")
         self.checkpoints = Counter("checkpoints", "Checkpoints written successfully.", namespace=ns, registry=reg)
         self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint writes that failed.", namespace=ns,
                                            registry=reg)
@@ -279,6 +284,12 @@ class ProducerMetrics:
             "tokens_dropped", "Tokens not published, by reason: overflow (a value beyond the wire dtype's range, "
             "e.g. above 65504 in float16) or non_finite (NaN / inf from the model).", ["producer", "reason"],
             namespace=ns, registry=reg)
+
+        self.outlier_tokens = Counter(
+            "outlier_tokens", "Tokens not published by the token policy, by site and reason: position (a skipped "
+            "window position, producer.skip_positions; a continuing window repeats the token there as context, it is "
+            "published elsewhere) or norm (above producer.outlier_factor x the site's running median norm).",
+            ["producer", "site", "reason"], namespace=ns, registry=reg)
 
         for m in (self.tokens_published, self.messages_published, self.bytes_published, self.send_queue_depth,
                   self.send_queue_capacity, self.documents, self.stream_lag_messages):

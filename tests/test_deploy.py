@@ -272,6 +272,7 @@ def exported() -> dict[str, set[str]]:
     t.tokens_consumed.labels(producer="p").inc()  # these two appear with their first producer / partition
     t.consumer_lag.labels(topic="x", partition="0").set(0)
     p = ProducerMetrics("p")
+    p.outlier_tokens.labels(producer="p", site="resid_post.15", reason="norm")  # per site: the producer's sites
     out: dict[str, set[str]] = {}
     for reg in (t.registry, p.registry):
         for name, series in parse_samples(generate_latest(reg).decode()).items():

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamd.config import SiteSpec
+from streamd.config import ConfigError, SiteSpec, load_config
 from streamd.identity import ModelLoadError, default_model_path, model_content_hash, site_id, site_id_hex
 from streamd.produce.capture import ActivationCapture, blocks, site_module
 from streamd.produce.model import load_frozen_model, strip_quantization
@@ -269,8 +269,8 @@ TOK_NO_BOS = make_tokenizer(bos=False)
 WORDS = ["the", "word", "was", "in", "beginning", "text", "with", "and", "zebra", "!"]
 
 
-def _check_packing(tok, docs: list[str], T: int) -> None:
-    windows = list(pack_documents(tok, docs, T))
+def _check_packing(tok, docs: list[str], T: int, skip: int = 0) -> None:
+    windows = list(pack_documents(tok, docs, T, skip))
     assert windows == [] or all(w.input_ids.shape == (T,) and w.keep_mask.shape == (T,) for w in windows)
     kept = [int(t) for w in windows for t in w.input_ids[w.keep_mask]]
     expected = [t for d in docs for t in tok(d, add_special_tokens=False).input_ids]
@@ -281,8 +281,15 @@ def _check_packing(tok, docs: list[str], T: int) -> None:
         assert not any(int(t) in specials for t in w.input_ids[w.keep_mask])
         if tok.bos_token_id is not None:
             assert int(w.input_ids[0]) == tok.bos_token_id
-    for w in windows[:-1]:  # only the last window carries padding; others mask BOS only
-        assert w.input_ids[~w.keep_mask].eq(tok.bos_token_id if tok.bos_token_id is not None else -1).all()
+    head = 0 if tok.bos_token_id is None else 1
+    for i, w in enumerate(windows):  # the token policy: positions head..head+skip repeat the last window's tail
+        assert w.carried == (0 if i == 0 else skip)
+        assert not w.keep_mask[head : head + w.carried].any()
+        if w.carried:
+            assert torch.equal(w.input_ids[head : head + skip], windows[i - 1].input_ids[T - skip :])
+    for w in windows[:-1]:  # only the last window carries padding; others mask BOS (and the carried tokens) only
+        rest = w.input_ids[head + w.carried :][~w.keep_mask[head + w.carried :]]
+        assert rest.eq(tok.bos_token_id if tok.bos_token_id is not None else -1).all()
 
 
 @settings(max_examples=40, deadline=None)
@@ -290,9 +297,18 @@ def _check_packing(tok, docs: list[str], T: int) -> None:
     docs=st.lists(st.lists(st.sampled_from(WORDS), max_size=30).map(" ".join), max_size=12),
     T=st.integers(2, 24),
     bos=st.booleans(),
+    skip=st.integers(0, 3),
 )
-def test_packing_keeps_every_token_once_in_order(docs, T, bos):
-    _check_packing(TOK if bos else TOK_NO_BOS, docs, T)
+def test_packing_keeps_every_token_once_in_order(docs, T, bos, skip):
+    skip = min(skip, T - 2)  # a window keeps at least one new position
+    _check_packing(TOK if bos else TOK_NO_BOS, docs, T, skip)
+
+
+def test_packing_rejects_a_skip_that_leaves_no_position():
+    with pytest.raises(ValueError, match="skip_positions"):
+        list(pack_documents(TOK, ["the word"], 4, 3))
+    with pytest.raises(ConfigError, match="skip_positions"):
+        load_config(sets=["producer.context_length=4", "producer.skip_positions=3"])
 
 
 def test_packing_layout_and_determinism():

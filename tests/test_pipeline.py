@@ -20,7 +20,7 @@ from streamd.config import ConfigError, SiteSpec, StreamdConfig, load_config
 from streamd.train.kafka_source import KafkaActivationSource
 from streamd.metrics import TrainerMetrics, parse_samples
 from streamd.identity import model_content_hash, site_id
-from streamd.produce.packing import count_tokens
+from streamd.produce.packing import count_tokens, pack_documents
 from streamd.produce.producer import ActivationProducer
 from streamd.produce.text import files
 from tests.streamd_testing import write_config
@@ -210,3 +210,47 @@ def test_float16_overflow_is_caught_at_the_producer(kafka_cfg, tiny_llama_dir, t
         src.close()
     assert tokens == sent
     assert metrics.messages_rejected.labels(reason="non_finite")._value.get() == 0
+
+
+def _publish_recorder(prod: ActivationProducer) -> list[torch.Tensor]:
+    """Replace the producer's send with a list of the rows it would publish (the broker is only asked for topics)."""
+    sent: list[torch.Tensor] = []
+    prod._publish = lambda pub, key, topic, sid, rows, ids: sent.append(rows.float())  # type: ignore[method-assign]
+    return sent
+
+
+@pytest.mark.parametrize("policy", ["default", "off"])
+def test_token_policy_keeps_massive_position_1_tokens_off_the_wire(kafka_cfg, tiny_llama_dir, tmp_path, policy):
+    """A model whose position right after BOS is massive (a forward hook scales it, as the shipped SmolLM2 does at
+    windows that begin mid-document, see bench/README.md): by default no such token is published (the continuing
+    windows repeat their first token there as context; the first window's, a document start here, falls to the
+    norm rule), both are counted and no other token is lost; with the policy off every one of them is published."""
+    from streamd.produce.capture import first_tensor, site_module
+
+    corpus = _corpus(tmp_path / "c.txt", n_docs=30)
+    off = dict(skip_positions=0, outlier_factor=None) if policy == "off" else {}
+    cfg = _producer_cfg(kafka_cfg, tiny_llama_dir, corpus, "sink", **off)
+    prod = ActivationProducer(cfg)
+    sent = _publish_recorder(prod)
+
+    def sink(_module, _inputs, output):
+        first_tensor(output)[:, 1] *= 100.0
+
+    hook = site_module(prod.loaded.model, SITE, LAYER).register_forward_hook(sink)
+    try:
+        prod.run()
+    finally:
+        hook.remove()
+    norms = torch.cat([r.norm(dim=1) for r in sent])
+    massive = int((norms > 8 * norms.median()).sum())
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    windows = list(pack_documents(tok, files([str(corpus)], "text"), 32, cfg.producer.skip_positions))
+    n_windows, n_tokens = len(windows), count_tokens(tok, files([str(corpus)], "text"))
+    counted = {r: prod.metrics.outlier_tokens.labels(producer="sink", site=f"{SITE}.{LAYER}", reason=r)._value.get()
+               for r in ("position", "norm")}
+    if policy == "off":
+        assert massive == n_windows and len(norms) == n_tokens and counted == {"position": 0, "norm": 0}
+    else:
+        assert massive == 0
+        assert counted == {"position": n_windows - 1, "norm": 1}  # the first window's position 1: the norm rule
+        assert len(norms) == n_tokens - 1  # every other token published once

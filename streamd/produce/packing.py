@@ -14,6 +14,7 @@ class Window:
 
     input_ids: torch.Tensor  # LongTensor [T]
     keep_mask: torch.Tensor  # BoolTensor [T]
+    carried: int = 0  # positions after the leading BOS that repeat the previous window's last tokens (context only)
 
 
 def _pad_id(tokenizer) -> int:
@@ -35,25 +36,36 @@ def _tokenized(tokenizer, docs: Iterable[str], chunk: int = 64) -> Iterator[list
         yield from tokenizer(pending, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def pack_documents(tokenizer, docs: Iterable[str], context_length: int) -> Iterator[Window]:
+def pack_documents(tokenizer, docs: Iterable[str], context_length: int, skip_positions: int = 0) -> Iterator[Window]:
     """Concatenate documents into windows of ``context_length`` tokens.
 
     With a BOS token, every window starts with BOS and documents inside a window are separated by BOS, so each
     position sees a BOS-anchored context (as in SAELens); BOS and padding are masked out of the published tokens.
     The last partial window is padded. Deterministic: the same documents give the same windows.
+
+    ``skip_positions`` (the producer's token policy): the first positions after a window's leading BOS (position 0
+    without a BOS) are never published. A window that continues the stream starts with the previous window's last
+    ``skip_positions`` tokens there, as context only, so every token is still published once, at a later position;
+    the first window starts a document, where the first positions are ordinary. The cost is ``skip_positions`` of
+    ``context_length`` positions of forward work, no token.
     """
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2, got {context_length}")
     bos = tokenizer.bos_token_id
     head = [] if bos is None else [bos]
+    if not 0 <= skip_positions < context_length - len(head):
+        raise ValueError(f"skip_positions must be in [0, {context_length - len(head)}) for context_length "
+                         f"{context_length}, got {skip_positions}")
     ids: list[int] = list(head)
     keep: list[bool] = [False] * len(head)
+    carried = 0
 
     def emit() -> Window:
         pad = context_length - len(ids)
         return Window(
             input_ids=torch.tensor(ids + [_pad_id(tokenizer)] * pad, dtype=torch.long),
             keep_mask=torch.tensor(keep + [False] * pad, dtype=torch.bool),
+            carried=carried,
         )
 
     for doc_ids in _tokenized(tokenizer, docs):
@@ -66,14 +78,15 @@ def pack_documents(tokenizer, docs: Iterable[str], context_length: int) -> Itera
         while True:
             if len(ids) == context_length:
                 yield emit()
-                ids, keep = list(head), [False] * len(head)
+                tail = ids[context_length - skip_positions :] if skip_positions else []
+                ids, keep, carried = list(head) + tail, [False] * (len(head) + len(tail)), len(tail)
             if i == len(doc_ids):
                 break
             take = min(context_length - len(ids), len(doc_ids) - i)
             ids.extend(doc_ids[i : i + take])
             keep.extend([True] * take)
             i += take
-    if len(ids) > len(head):
+    if any(keep):
         yield emit()
 
 

@@ -24,6 +24,7 @@ from streamd.stream.kafka import ensure_topic, make_producer
 from streamd.stream.retention import Retention, retention_for
 from streamd.metrics import ProducerMetrics, fetch_samples, publish_error_kind
 from streamd.identity import site_id
+from streamd.outliers import OUTLIER_REASONS, NormOutliers
 from streamd.produce.capture import ActivationCapture
 from streamd.produce.model import LoadedModel, load_frozen_model
 from streamd.produce.packing import pack_documents
@@ -197,6 +198,13 @@ class ActivationProducer:
         self.seq = 0
         self.tokens = 0
         self._dropped_logged: set[str] = set()
+        # the token policy (producer.skip_positions, producer.outlier_factor): a running median norm per site
+        self.site_labels = {(s.site, s.layer): f"{s.site}.{s.layer}" for s in self.pcfg.sites}
+        self.outliers = {k: NormOutliers(self.pcfg.outlier_factor) for k in self.site_labels} \
+            if self.pcfg.outlier_factor is not None else {}
+        for label in self.site_labels.values():
+            for reason in OUTLIER_REASONS:
+                self.metrics.outlier_tokens.labels(producer=self.pcfg.producer_id, site=label, reason=reason)
 
     def _documents(self) -> Iterator[str]:
         docs = self.metrics.documents.labels(producer=self.pcfg.producer_id)
@@ -211,7 +219,7 @@ class ActivationProducer:
                         max_request_size=p.max_message_bytes + 4096, partitions=self.cfg.kafka.partitions,
                         stop=self.stop_event, retention=self.retention)
         key = p.producer_id.encode()
-        windows = pack_documents(self.loaded.tokenizer, self._documents(), p.context_length)
+        windows = pack_documents(self.loaded.tokenizer, self._documents(), p.context_length, p.skip_positions)
         try:
             with ActivationCapture(self.loaded.model, p.sites) as capture:
                 for batch in _batches(windows, p.batch_size):
@@ -226,10 +234,12 @@ class ActivationProducer:
                         acts = capture.capture(host_ids.to(self.device, non_blocking=True))
                     self.metrics.forward_seconds.observe(time.monotonic() - t0)
                     flat_ids = host_ids[keep]
+                    skipped = sum(w.carried for w in batch)
                     for (site, layer), a in acts.items():
                         # select and convert where the model runs: only published tokens, at the wire dtype, cross
                         rows = a.detach()[keep_dev].to(self.wire_dtype).cpu()
-                        self._publish(pub, key, topics[(site, layer)], self.site_ids[(site, layer)], rows, flat_ids)
+                        rows, ids = self._policy((site, layer), rows, flat_ids, skipped)
+                        self._publish(pub, key, topics[(site, layer)], self.site_ids[(site, layer)], rows, ids)
                     self.tokens += int(keep.sum())
                     if p.max_tokens is not None and self.tokens >= p.max_tokens:
                         break
@@ -284,6 +294,25 @@ class ActivationProducer:
                 return True
             self.stop_event.wait(1.0)
         return False
+
+    def _policy(self, site: tuple[str, int], rows: torch.Tensor, token_ids: torch.Tensor,
+                skipped: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token policy on one site's rows (after the wire dtype's range check, so an overflow is named as
+        such): count the positions packing skipped, drop tokens whose norm is above outlier_factor x the site's
+        running median."""
+        outlier = self.metrics.outlier_tokens
+        pid, label = self.pcfg.producer_id, self.site_labels[site]
+        if skipped:
+            outlier.labels(producer=pid, site=label, reason="position").inc(skipped)
+        rule = self.outliers.get(site)
+        if rule is None or not len(rows):
+            return rows, token_ids
+        rows, token_ids = self._finite_rows(rows, token_ids)
+        ok = rule.inliers(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32))
+        if bool(ok.all()):
+            return rows, token_ids
+        outlier.labels(producer=pid, site=label, reason="norm").inc(int((~ok).sum()))
+        return rows[ok], token_ids[ok]
 
     def _finite_rows(self, rows: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop the tokens a trainer would reject (it rejects a whole message holding one non-finite value): values

@@ -1,6 +1,8 @@
 """Intake: from an activation source into the shuffle buffer.
 
-Each chunk goes to the held-out eval set first, then to the sample that fixes the norm scale, then into the buffer.
+Tokens whose norm is above ``trainer.outlier_factor`` x the running median norm are dropped from each chunk as it
+arrives (massive-activation tokens, see ``streamd.outliers``); the chunk keeps its offset, so for resume a dropped
+token counts as trained. Each chunk then goes to the held-out eval set first, then to the sample that fixes the norm scale, then into the buffer.
 The intake also keeps the table of source keys (buffer slots store an index into it) and the chunk the full buffer
 could not take, so it can say, at checkpoint time, from where every untrained token can be read again.
 """
@@ -17,6 +19,7 @@ import torch
 
 from streamd.config import TrainerConfig
 from streamd.metrics import TrainerMetrics
+from streamd.outliers import NormOutliers, robust_mean_norm
 from streamd.train.buffer import ShuffleBuffer
 from streamd.train.source import ActivationSource, Chunk, SourceKey
 
@@ -52,23 +55,27 @@ class Intake:
         self._last_fill_note = 0.0
         self.waiting_since: float | None = None  # monotonic time the source went quiet, once training had begun
         self.on_waiting: Callable[[float], None] | None = None  # hears the seconds waited, at every empty read
+        self.outliers = NormOutliers(tcfg.outlier_factor) if tcfg.outlier_factor is not None else None
 
     def fill(self) -> bool:
         """Fill the buffer's free slots; returns False when the source ended or a stop was asked before it filled."""
         while self.buffer is None or not self.buffer.full:
             if self.stop.is_set():
                 return False
-            chunk = self._pending or self.source.get(timeout=0.5)
+            chunk = self._pending
             self._pending = None
             if chunk is None:
-                if self.source.exhausted or self.stop.is_set():
-                    return False
-                if self.buffer is not None and self.buffer.served:  # a stream gone quiet: keep waiting, say so
-                    self.waiting_since = self.waiting_since or time.monotonic()
-                    if self.on_waiting:
-                        self.on_waiting(time.monotonic() - self.waiting_since)
-                continue
-            self.waiting_since = None
+                chunk = self.source.get(timeout=0.5)
+                if chunk is None:
+                    if self.source.exhausted or self.stop.is_set():
+                        return False
+                    if self.buffer is not None and self.buffer.served:  # a stream gone quiet: keep waiting, say so
+                        self.waiting_since = self.waiting_since or time.monotonic()
+                        if self.on_waiting:
+                            self.on_waiting(time.monotonic() - self.waiting_since)
+                    continue
+                self.waiting_since = None
+                chunk = self._drop_outliers(chunk)
             if self.buffer is None:
                 self.buffer = self.make_buffer(chunk.acts.shape[1])
             self._pending = self._take(chunk)
@@ -79,6 +86,17 @@ class Intake:
         if self.scale is None:
             self._fix_scale()
         return True
+
+    def _drop_outliers(self, chunk: Chunk) -> Chunk:
+        """The chunk without its tokens above outlier_factor x the running median norm (same key and offset: the
+        offsets bookkeeping sees a dropped token as trained), counted in streamd_outlier_tokens_total."""
+        if self.outliers is None:
+            return chunk
+        ok = self.outliers.inliers(torch.linalg.vector_norm(chunk.acts, dim=1, dtype=torch.float32))
+        if bool(ok.all()):
+            return chunk
+        self.metrics.outlier_tokens.labels(reason="norm").inc(int((~ok).sum()))
+        return Chunk(chunk.acts[ok], chunk.key, chunk.offset, chunk.producer_id, chunk.seq)
 
     def _key_index(self, key: SourceKey) -> int:
         if key not in self._key_ids:
@@ -109,9 +127,12 @@ class Intake:
         return Chunk(acts[k:], chunk.key, chunk.offset, chunk.producer_id, chunk.seq)
 
     def _fix_scale(self) -> None:
-        """Constant scale with E||x * scale|| = sqrt(d_in) (Anthropic's normalisation), from the first tokens."""
+        """Constant scale with E||x * scale|| = sqrt(d_in) (Anthropic's normalisation), from the first tokens; the
+        mean is over the tokens at most outlier_factor x the sample's median norm, so a few massive tokens (the
+        intake's running median drops most before, this catches the first ones) cannot skew it."""
         sample = torch.cat(self._norm_sample)
-        self.scale = math.sqrt(sample.shape[1]) / float(sample.norm(dim=-1).mean().clamp_min(1e-12))
+        mean = robust_mean_norm(sample.norm(dim=-1), self.tcfg.outlier_factor)
+        self.scale = math.sqrt(sample.shape[1]) / max(mean, 1e-12)
         self._norm_sample = []
         log.info("activation scale fixed at %.6g from %d tokens", self.scale, len(sample))
 
