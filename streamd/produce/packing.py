@@ -14,6 +14,11 @@ class Window:
 
     input_ids: torch.Tensor  # LongTensor [T]
     keep_mask: torch.Tensor  # BoolTensor [T]
+    # provenance: the position's document (its ordinal in the docs iterable, -1 for BOS / padding) and token index
+    # in it; every document up to ``complete_through`` has all its tokens in this window or earlier ones
+    doc_ord: torch.Tensor | None = None  # LongTensor [T]
+    doc_pos: torch.Tensor | None = None  # LongTensor [T]
+    complete_through: int = -1
 
 
 def _pad_id(tokenizer) -> int:
@@ -27,6 +32,12 @@ def _tokenized(tokenizer, docs: Iterable[str], chunk: int = 64) -> Iterator[list
     """Token ids of each document (no special tokens), tokenised in chunks so the fast tokenizer batches."""
     pending: list[str] = []
     for doc in docs:
+        if not isinstance(doc, str):  # pretokenized: a list of token ids, in order with the texts around it
+            if pending:
+                yield from tokenizer(pending, add_special_tokens=False, verbose=False)["input_ids"]
+                pending = []
+            yield list(doc)
+            continue
         pending.append(doc)
         if len(pending) == chunk:
             yield from tokenizer(pending, add_special_tokens=False, verbose=False)["input_ids"]
@@ -48,33 +59,44 @@ def pack_documents(tokenizer, docs: Iterable[str], context_length: int) -> Itera
     head = [] if bos is None else [bos]
     ids: list[int] = list(head)
     keep: list[bool] = [False] * len(head)
+    ords: list[int] = [-1] * len(head)
+    poss: list[int] = [-1] * len(head)
 
-    def emit() -> Window:
+    def emit(complete_through: int) -> Window:
         pad = context_length - len(ids)
         return Window(
             input_ids=torch.tensor(ids + [_pad_id(tokenizer)] * pad, dtype=torch.long),
             keep_mask=torch.tensor(keep + [False] * pad, dtype=torch.bool),
+            doc_ord=torch.tensor(ords + [-1] * pad, dtype=torch.long),
+            doc_pos=torch.tensor(poss + [-1] * pad, dtype=torch.long),
+            complete_through=complete_through,
         )
 
-    for doc_ids in _tokenized(tokenizer, docs):
+    ordinal = -1
+    for ordinal, doc_ids in enumerate(_tokenized(tokenizer, docs)):
         if not doc_ids:
             continue
         if bos is not None and len(ids) > len(head):  # separate from the previous document in this window
             ids.append(bos)
             keep.append(False)
+            ords.append(-1)
+            poss.append(-1)
         i = 0
         while True:
             if len(ids) == context_length:
-                yield emit()
+                yield emit(ordinal if i == len(doc_ids) else ordinal - 1)
                 ids, keep = list(head), [False] * len(head)
+                ords, poss = [-1] * len(head), [-1] * len(head)
             if i == len(doc_ids):
                 break
             take = min(context_length - len(ids), len(doc_ids) - i)
             ids.extend(doc_ids[i : i + take])
             keep.extend([True] * take)
+            ords.extend([ordinal] * take)
+            poss.extend(range(i, i + take))
             i += take
     if len(ids) > len(head):
-        yield emit()
+        yield emit(ordinal)
 
 
 def count_tokens(tokenizer, docs: Iterable[str]) -> int:

@@ -118,7 +118,7 @@ class TextTopicReader:
     def records(self) -> Iterator[TextRecord]:
         """Records in partition order; raises ``Rebalanced`` after a revocation; ends after ``idle_exit_seconds``
         without a record (when set)."""
-        last = time.monotonic()
+        last = None  # the idle clock starts at the first record: a producer may start before the feeder
         while True:
             while self._buffered:
                 yield self._buffered.pop(0)
@@ -129,11 +129,14 @@ class TextTopicReader:
             if self._revoked:
                 self._revoked = False
                 self._buffered = got  # fetched for the new assignment, from its committed offsets: still good
+                if got:
+                    last = time.monotonic()
                 raise Rebalanced()
             if got:
                 last = time.monotonic()
                 self._buffered = got
-            elif self.idle_exit_seconds is not None and time.monotonic() - last > self.idle_exit_seconds:
+            elif (self.idle_exit_seconds is not None and last is not None
+                  and time.monotonic() - last > self.idle_exit_seconds):
                 return
 
     def close(self) -> None:
