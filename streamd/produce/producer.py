@@ -242,7 +242,7 @@ class ActivationProducer:
             m.text_rebalances.labels(producer=pid).inc()
 
         reader = TextTopicReader(self.cfg.kafka, src.topic, src.kafka_group, committable=committable,
-                                 before_revoke=lambda: pub._drain(timeout=10), on_revoked=revoked,
+                                 on_revoked=revoked,
                                  idle_exit_seconds=src.idle_exit_seconds)
         return reader
 

@@ -4,10 +4,12 @@ and the text lag of the producers' group. Everything Kafka-specific about the te
 Reading (``TextTopicReader``): the producers consume the topic in one consumer group, so Kafka divides its
 partitions among them and rebalances when one joins or dies. Nothing is auto-committed: the reader asks a
 ``committable()`` callback (the producer's provenance tracker) for the offsets whose every activation message is
-acknowledged and commits those, so after a crash the documents past them are re-read (at-least-once), never
-skipped. On a revocation the reader first lets its owner drain (``before_revoke``), commits what is done, and then
-raises ``Rebalanced`` out of the document iterator: the owner drops its partially built windows uncommitted (the
-next owner of those partitions re-reads them from the committed offsets) and asks for a new iterator.
+acknowledged and commits those (at most every ``commit_every_seconds``), so after a crash the documents past them
+are re-read (at-least-once), never skipped. On a revocation (kafka-python 3 runs the rebalance listener on its I/O
+thread, where no commit can be made) the owner forgets what it tracked (``on_revoked``), the reader seeks every
+partition it is assigned to its committed offset and raises ``Rebalanced`` out of the document iterator: the owner
+drops its partially built windows uncommitted and asks for a new iterator. What was acknowledged after the last
+commit is published again by the partition's next owner (a duplicate, never a gap).
 
 The feeder's lock (``FeederLock``): a heartbeat record every ``ttl / 4`` seconds on ``TOPIC.feeder-lock`` (one
 partition). A starting feeder watches that topic for a ttl: a heartbeat of another feeder in that time means a live
@@ -57,35 +59,32 @@ class TextTopicReader:
 
     def __init__(self, kafka: KafkaConfig, topic: str, group_id: str, *,
                  committable: Callable[[], dict[int, int]] | None = None,
-                 before_revoke: Callable[[], None] | None = None,
                  on_revoked: Callable[[], None] | None = None,
                  idle_exit_seconds: float | None = None, commit_every_seconds: float = 0.5) -> None:
         self.topic, self.group_id = topic, group_id
         self.committable = committable
-        self.before_revoke, self.on_revoked = before_revoke, on_revoked
+        self.on_revoked = on_revoked
         self.idle_exit_seconds, self.commit_every_seconds = idle_exit_seconds, commit_every_seconds
         self.committed: dict[int, int] = {}
         self.commits = 0
-        self._revoked = False
+        self._revoked = self._reseek = False
         self._buffered: list[TextRecord] = []
         self._last_commit = 0.0
         self.consumer = make_consumer(kafka, group_id=group_id, max_poll_records=500)
         reader = self
 
+        # kafka-python 3 calls the listener on its I/O thread, where nothing may block (no commit, no offset
+        # fetch): it only takes note; records() does the work on the polling thread after the poll.
         class _Listener(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked):
-                if not revoked:
-                    return
-                if reader.before_revoke is not None:
-                    reader.before_revoke()
-                reader.commit()
-                reader.committed.clear()
-                reader._revoked = True
-                if reader.on_revoked is not None:
-                    reader.on_revoked()
-                log.info("text partitions revoked: %s", sorted(tp.partition for tp in revoked))
+                if revoked:
+                    reader._revoked = True
+                    if reader.on_revoked is not None:
+                        reader.on_revoked()
+                    log.info("text partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
             def on_partitions_assigned(self, assigned):
+                reader._reseek = True
                 log.info("text partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
         self.consumer.subscribe([topic], listener=_Listener())
@@ -126,11 +125,21 @@ class TextTopicReader:
             self.commit()
             got = [TextRecord(tp.partition, r.offset, _doc_id(r), r.value)
                    for tp, recs in sorted(batch.items(), key=lambda kv: kv[0].partition) for r in recs]
+            if self._reseek:
+                # Every assigned partition starts again at its committed offset, kept ones too: the documents
+                # read past it were (or are now) dropped with the partial windows.
+                self._reseek = False
+                self.committed.clear()
+                for tp in self.consumer.assignment():
+                    off = self.consumer.committed(tp)
+                    if off is None:
+                        self.consumer.seek_to_beginning(tp)
+                    else:
+                        self.consumer.seek(tp, off)
+                got = []
             if self._revoked:
                 self._revoked = False
-                self._buffered = got  # fetched for the new assignment, from its committed offsets: still good
-                if got:
-                    last = time.monotonic()
+                self._buffered = []
                 raise Rebalanced()
             if got:
                 last = time.monotonic()
