@@ -53,7 +53,7 @@ def _add_config_args(p: argparse.ArgumentParser, *flag_sets: dict) -> None:
 
 
 def _config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> StreamdConfig:
-    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k == "producer_count"}
     return load_config(args.config, overrides, args.set, defaults=defaults)
 
 
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--max-tokens", dest="trainer.max_tokens", type=int,
                    help="stop after training this many tokens, with a final export")
+    p.add_argument("--producers", dest="producer_count", type=int,
+                   help="producer processes; above 1 a feeder fills a text topic that they divide")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("pull", help="download the latest checkpoint from a running trainer")

@@ -420,6 +420,8 @@ class StreamdConfig(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     feed: FeedConfig = Field(default_factory=FeedConfig)
+    producer_count: int = Field(1, ge=1, le=64, description="streamd up: producer processes; above 1 they divide "
+                                "a text topic a feeder thread fills from producer.source")
 
     @classmethod
     def settings_customise_sources(
