@@ -27,6 +27,11 @@ PRODUCE_FLAGS = {
     "--producer-id": ("producer.producer_id", str, "id carried by every message (default: HOST-PID)"),
     "--max-tokens": ("producer.max_tokens", int, "stop after publishing this many tokens"),
 }
+FEED_FLAGS = {
+    "--text-topic": ("feed.topic", str, "the text topic the producers share"),
+    "--state": ("feed.state_path", str, "file of the feeder's position (a restarted feeder continues there)"),
+    "--max-documents": ("feed.max_documents", int, "stop after feeding this many documents"),
+}
 TRAIN_FLAGS = {
     "--run-dir": ("trainer.run_dir", str, "run directory (checkpoints, metrics history, lock)"),
     "--group": ("trainer.group_id", str, "Kafka consumer group of this run"),
@@ -48,7 +53,7 @@ def _add_config_args(p: argparse.ArgumentParser, *flag_sets: dict) -> None:
 
 
 def _config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> StreamdConfig:
-    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k == "producer_count"}
     return load_config(args.config, overrides, args.set, defaults=defaults)
 
 
@@ -83,6 +88,29 @@ def cmd_produce(args) -> int:
         if server:
             server.stop()
     log.info("published %d tokens in %d messages", n, prod.seq)
+    return 0
+
+
+def cmd_feed(args) -> int:
+    from streamd.produce.feed import Feeder
+
+    cfg = _config(args)
+    feeder = Feeder(cfg)
+    _on_signals(feeder.stop)
+    server = None
+    if cfg.feed.metrics_port:
+        from streamd.run.server import StatusServer
+
+        server = StatusServer(cfg.metrics.host, cfg.feed.metrics_port, feeder.metrics.registry, None,
+                              lambda: (True, "feeding"))
+        server.start()
+        log.info("feeder metrics at %s/metrics", server.url)
+    try:
+        n = feeder.run()
+    finally:
+        if server:
+            server.stop()
+    log.info("fed %d documents to %s (epoch %d)", n, cfg.feed.topic, feeder.epoch)
     return 0
 
 
@@ -201,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the effective config (file + env + flags)")
-    _add_config_args(show, PRODUCE_FLAGS, TRAIN_FLAGS)
+    _add_config_args(show, PRODUCE_FLAGS, TRAIN_FLAGS, FEED_FLAGS)
     show.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("broker", help="run the local Tansu Kafka broker on 127.0.0.1")
@@ -213,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, PRODUCE_FLAGS)
     p.set_defaults(func=cmd_produce)
 
+    p = sub.add_parser("feed", help="publish a text source to the text topic the producers share")
+    _add_config_args(p, FEED_FLAGS)
+    p.set_defaults(func=cmd_feed)
+
     p = sub.add_parser("train", help="train SAEs from the activation topic (or cached files)")
     _add_config_args(p, TRAIN_FLAGS)
     p.add_argument("--source", type=Path, help="train from a .npy/.safetensors file instead of Kafka")
@@ -223,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--max-tokens", dest="trainer.max_tokens", type=int,
                    help="stop after training this many tokens, with a final export")
+    p.add_argument("--producers", dest="producer_count", type=int,
+                   help="producer processes; above 1 a feeder fills a text topic that they divide")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("pull", help="download the latest checkpoint from a running trainer")

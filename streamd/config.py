@@ -135,12 +135,28 @@ class SiteSpec(Strict):
 
 
 class SourceConfig(Strict):
-    kind: Literal["corpus", "files", "stdin", "kafka"] = "corpus"
+    kind: Literal["corpus", "files", "stdin", "kafka", "hf"] = "corpus"
     corpus: Literal["kjv", "fortunes", "pydoc"] = "kjv"
     paths: list[str] = Field(default_factory=list, description="files or globs (.txt, .jsonl) for kind=files")
-    text_field: str = "text"
-    topic: str | None = Field(None, description="Kafka topic of UTF-8 text for kind=kafka")
+    text_field: str = Field("text", description="the text field of .jsonl lines and the text column of kind=hf")
+    topic: str | None = Field(None, description="Kafka topic of UTF-8 text for kind=kafka (what `streamd feed` "
+                              "publishes)")
+    group_id: str | None = Field(None, min_length=1, description="kind=kafka: the consumer group the producers "
+                                 "share (Kafka divides the text topic among them); default streamd-source.TOPIC")
+    idle_exit_seconds: float | None = Field(None, gt=0, description="kind=kafka: end the source after this long "
+                                            "without a document (default: wait for ever)")
     loop: bool = Field(False, description="restart the source when it ends instead of stopping")
+    # kind=hf (Hugging Face datasets, the [hf] extra)
+    dataset: str | None = Field(None, description="kind=hf: a dataset saved with save_to_disk, a directory or "
+                                "file(s) of parquet / arrow / json / csv, or a builder name (e.g. parquet, with "
+                                "data_files); nothing is downloaded when HF_HUB_OFFLINE=1")
+    data_files: list[str] = Field(default_factory=list, description="kind=hf: data files for load_dataset")
+    split: str = "train"
+    streaming: bool = Field(False, description="kind=hf: iterate without materialising the dataset")
+    input_ids_field: str | None = Field(None, description="kind=hf: a pretokenized column of token ids to use "
+                                        "instead of text_field (checked against the tokenizer's vocabulary)")
+    shuffle_buffer: int | None = Field(None, ge=1, description="kind=hf: shuffle with a buffer of this many rows")
+    seed: int = 0
 
     @model_validator(mode="after")
     def _needs(self) -> SourceConfig:
@@ -148,7 +164,51 @@ class SourceConfig(Strict):
             raise ValueError("source.kind=files needs source.paths")
         if self.kind == "kafka" and not self.topic:
             raise ValueError("source.kind=kafka needs source.topic")
+        if self.kind == "hf" and not self.dataset:
+            raise ValueError("source.kind=hf needs source.dataset (a local path or a builder name)")
         return self
+
+    @property
+    def kafka_group(self) -> str:
+        return self.group_id or f"streamd-source.{self.topic}"
+
+
+class ShardConfig(Strict):
+    """Direct sharding of a source not fed through a topic: this producer reads every ``count``-th document,
+    starting at ``index`` (also from STREAMD_PRODUCER__SHARD__INDEX / __COUNT)."""
+
+    index: int = Field(0, ge=0)
+    count: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _index_below_count(self) -> ShardConfig:
+        if self.index >= self.count:
+            raise ValueError(f"producer.shard.index ({self.index}) must be below producer.shard.count ({self.count})")
+        return self
+
+
+class FeedConfig(Strict):
+    """`streamd feed`: a text source -> the text topic that producers share (``source.kind: kafka``)."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    topic: str = Field("streamd.text", pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    partitions: int = Field(16, ge=1, le=1024, description="at least the most producers you will run")
+    group_id: str | None = Field(None, description="the producers' consumer group whose lag throttles the feeder; "
+                                 "default streamd-source.TOPIC (the producers' default)")
+    max_lag: int | None = Field(10_000, ge=1, description="wait while more documents than this are in the topic "
+                                "and not yet committed by the producers' group; null: never wait")
+    state_path: Path | None = Field(None, description="file of the feeder's position (epoch, next document), "
+                                    "written after the broker acknowledged; a restarted feeder continues there")
+    commit_every_seconds: float = Field(1.0, gt=0, description="how often the position is written")
+    shuffle: bool = Field(True, description="with source.loop: every epoch is a permutation by seed + epoch")
+    seed: int = 0
+    holdout_fraction: float = Field(0.0, ge=0, lt=1, description="documents held back for evaluation, chosen "
+                                    "by a hash of their text (never published)")
+    holdout_path: Path | None = Field(None, description="append held-out documents here (JSONL: doc, text)")
+    max_documents: int | None = Field(None, ge=1, description="stop after publishing this many")
+    metrics_port: int = Field(9402, ge=0, le=65535)
+    lock_ttl_seconds: float = Field(6.0, gt=0, description="a feeder whose lock heartbeat is older than this is "
+                                    "dead; a second feeder on a topic with a live one refuses to start")
 
 
 class ProducerConfig(Strict):
@@ -166,6 +226,7 @@ class ProducerConfig(Strict):
         "norm is not published (streamd_outlier_tokens_total{reason=\"norm\"}). null: off")
     batch_size: int = Field(8, ge=1)
     source: SourceConfig = Field(default_factory=SourceConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
     producer_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", max_length=255)
     max_message_bytes: int = Field(1_000_000, ge=4096, le=128 * 2**20)
     queue_max_messages: int = Field(64, ge=1, description="bounded send queue; the model waits when full")
@@ -379,6 +440,9 @@ class StreamdConfig(BaseSettings):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    feed: FeedConfig = Field(default_factory=FeedConfig)
+    producer_count: int = Field(1, ge=1, le=64, description="streamd up: producer processes; above 1 they divide "
+                                "a text topic a feeder thread fills from producer.source")
 
     @classmethod
     def settings_customise_sources(

@@ -290,11 +290,56 @@ class ProducerMetrics:
             "window position, producer.skip_positions; a continuing window repeats the token there as context, it is "
             "published elsewhere) or norm (above producer.outlier_factor x the site's running median norm).",
             ["producer", "site", "reason"], namespace=ns, registry=reg)
+        self.text_committed = Counter(
+            "text_documents_committed", "Text topic records committed by this producer (every activation message "
+            "built from them acknowledged).", lab, namespace=ns, registry=reg)
+        self.text_partitions = Gauge("text_partitions_assigned", "Text topic partitions this producer reads.", lab,
+                                     namespace=ns, registry=reg)
+        self.text_rebalances = Counter("text_rebalances", "Text topic partition revocations (partial windows "
+                                       "dropped uncommitted).", lab, namespace=ns, registry=reg)
+        self.text_errors = Counter("text_errors", "Source documents skipped or flagged, by reason: not_utf8, empty, "
+                                   "missing_column, out_of_vocabulary.", ["producer", "reason"], namespace=ns,
+                                   registry=reg)
 
         for m in (self.tokens_published, self.messages_published, self.bytes_published, self.send_queue_depth,
-                  self.send_queue_capacity, self.documents, self.stream_lag_messages):
+                  self.send_queue_capacity, self.documents, self.stream_lag_messages, self.text_committed,
+                  self.text_partitions, self.text_rebalances):
             m.labels(producer=producer_id)
+        from streamd.produce.text import TEXT_ERROR_REASONS  # no torch there
+
+        for reason in TEXT_ERROR_REASONS:
+            self.text_errors.labels(producer=producer_id, reason=reason)
         for kind in PUBLISH_ERROR_KINDS:
             self.publish_errors.labels(producer=producer_id, kind=kind)
         for reason in DROP_REASONS:
             self.tokens_dropped.labels(producer=producer_id, reason=reason)
+
+
+class FeederMetrics:
+    """Metrics of `streamd feed`: documents into the text topic, the producers' lag behind it, the epoch."""
+
+    def __init__(self, topic: str, group: str) -> None:
+        self.registry = reg = _registry()
+        ns = NAMESPACE
+        lab = ["topic"]
+        self.documents_fed = Counter("text_documents_fed", "Documents published to the text topic and acknowledged.",
+                                     lab, namespace=ns, registry=reg)
+        self.bytes_fed = Counter("text_bytes_fed", "UTF-8 bytes of the documents fed.", lab, namespace=ns,
+                                 registry=reg)
+        self.held_out = Counter("text_documents_held_out", "Documents held back for evaluation (hash of the text).",
+                                lab, namespace=ns, registry=reg)
+        self.errors = Counter("text_feed_errors", "Source documents skipped by the feeder, by reason.",
+                              ["topic", "reason"], namespace=ns, registry=reg)
+        self.lag = Gauge("text_lag_documents", "Documents in the text topic not yet committed by the producers' "
+                         "consumer group.", ["topic", "group"], namespace=ns, registry=reg)
+        self.epoch = Gauge("feeder_epoch", "The feeder's epoch over its source (loop: true).", lab, namespace=ns,
+                           registry=reg)
+        self.throttled = Gauge("feeder_throttled", "1 while the feeder waits for the producers (feed.max_lag).",
+                               lab, namespace=ns, registry=reg)
+        for m in (self.documents_fed, self.bytes_fed, self.held_out, self.epoch, self.throttled):
+            m.labels(topic=topic)
+        self.lag.labels(topic=topic, group=group)
+        from streamd.produce.text import TEXT_ERROR_REASONS
+
+        for reason in TEXT_ERROR_REASONS:
+            self.errors.labels(topic=topic, reason=reason)

@@ -32,12 +32,12 @@ ENV_PREFIX = "STREAMD_"
 
 
 @contextlib.contextmanager
-def producer_config(cfg: StreamdConfig, run_dir: Path) -> Iterator[tuple[Path, dict[str, str]]]:
+def producer_config(cfg: StreamdConfig, run_dir: Path, name: str = "up-config") -> Iterator[tuple[Path, dict[str, str]]]:
     """The effective config for the producer process: a file without secrets (mode 0600 whatever an older file had,
     removed on exit) and the secrets as ``STREAMD_SECTION__FIELD`` environment variables for the child only."""
     secrets: dict[str, str] = {}
     plain = _plain(cfg.model_dump(mode="python"), (), secrets)
-    path = run_dir / "up-config.yaml"
+    path = run_dir / f"{name}.yaml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file
@@ -87,37 +87,68 @@ def run_up(cfg: StreamdConfig) -> int:
         trainer = Trainer(cfg, on_progress=lambda p: print(p.line(), flush=True))
         cfg.producer.lag_url = cfg.producer.lag_url or trainer.server.url
         stack = contextlib.ExitStack()
-        config_path, secret_env = stack.enter_context(producer_config(cfg, run_dir))
+        feeder = None
         try:
-            producer_log = stack.enter_context(open(run_dir / "producer.log", "ab"))
-            producer = spawn_producer([sys.executable, "-m", "streamd", "produce", "--config", str(config_path)],
-                                      producer_log, secret_env)
+            producers = []
+            n = max(1, cfg.producer_count)
+            if n > 1:  # a feeder thread fills a text topic; the producers divide it (one consumer group)
+                from streamd.produce.feed import Feeder
+
+                cfg.feed.source = cfg.producer.source.model_copy()
+                cfg.feed.topic = f"{cfg.kafka.topic}.text"
+                cfg.feed.state_path = cfg.feed.state_path or run_dir / "feed.state"
+                cfg.feed.metrics_port = 0
+                feeder = Feeder(cfg)
+                threading.Thread(target=feeder.run, name="streamd-feeder", daemon=True).start()
+            for i in range(n):
+                pcfg = cfg.model_copy(deep=True)
+                if n > 1:
+                    pcfg.producer.source = pcfg.producer.source.model_validate(
+                        {"kind": "kafka", "topic": cfg.feed.topic})
+                    pcfg.producer.producer_id = f"{cfg.producer.producer_id}-{i}"
+                    pcfg.producer.metrics_port = cfg.producer.metrics_port + i if cfg.producer.metrics_port else 0
+                name = "producer" if n == 1 else f"producer-{i}"
+                config_path, secret_env = stack.enter_context(producer_config(pcfg, run_dir, f"up-{name}"))
+                producer_log = stack.enter_context(open(run_dir / f"{name}.log", "ab"))
+                producers.append(spawn_producer(
+                    [sys.executable, "-m", "streamd", "produce", "--config", str(config_path)], producer_log,
+                    secret_env))
         except BaseException:
+            for p in producers:
+                p.kill()
             stack.close()
             raise
         print(f"broker      {broker.bootstrap} (Tansu, memory storage)", flush=True)
-        print(f"producer    pid {producer.pid}, log {run_dir / 'producer.log'}", flush=True)
+        for i, p in enumerate(producers):
+            name = "producer" if len(producers) == 1 else f"producer-{i}"
+            print(f"producer    pid {p.pid}, log {run_dir / (name + '.log')}", flush=True)
+        if feeder is not None:
+            print(f"feeder      text topic {cfg.feed.topic} ({cfg.feed.partitions} partitions)", flush=True)
         print(f"metrics     {trainer.server.url}/metrics", flush=True)
         print(f"checkpoints {run_dir / 'checkpoints'}  (pull: streamd pull {trainer.server.url} --out DIR)",
               flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: trainer.stop())
 
-        def watch_producer() -> None:
+        def watch_producer(producer: subprocess.Popen) -> None:
             if producer.wait() != 0 and not trainer.stop_event.is_set():
-                log.error("the producer exited with %d (see %s); stopping", producer.returncode,
-                          run_dir / "producer.log")
+                log.error("a producer exited with %d (see its log in %s); stopping", producer.returncode, run_dir)
                 trainer.stop()
 
-        threading.Thread(target=watch_producer, name="streamd-watch-producer", daemon=True).start()
+        for p in producers:
+            threading.Thread(target=watch_producer, args=(p,), name="streamd-watch-producer", daemon=True).start()
         try:
             tokens = trainer.run()
         finally:
-            producer.send_signal(signal.SIGTERM)
-            try:
-                producer.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                producer.kill()
-            stack.close()  # the log, and the config file removed
+            if feeder is not None:
+                feeder.stop()
+            for p in producers:
+                p.send_signal(signal.SIGTERM)
+            for p in producers:
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            stack.close()  # the logs, and the config files removed
         print(f"stopped after {tokens:,} tokens; latest checkpoint: {trainer.store.latest()}", flush=True)
     return 0

@@ -78,3 +78,29 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has died (its reaper is init)
     except FileNotFoundError:
         return False
+
+
+def test_up_with_two_producers_divides_a_text_topic(tiny_llama_dir, tmp_path):
+    """`streamd up --producers 2`: a feeder thread fills a text topic, both producers publish (disjoint documents:
+    each commits only its own partitions) and the trainer trains on both."""
+    import re
+
+    run = tmp_path / "run"
+    sets = [f"producer.model_path={tiny_llama_dir}", f"trainer.model_path={tiny_llama_dir}",
+            "producer.sites=[{site: resid_post, layer: 1}]", "trainer.site={site: resid_post, layer: 1}",
+            "producer.context_length=32", "producer.dtype=float32", "producer.metrics_port=0", "metrics.port=0",
+            "producer.source.corpus=pydoc", "trainer.buffer_tokens=2048", "trainer.batch_size=256",
+            "trainer.norm_estimate_tokens=512", "trainer.eval_tokens=0", "trainer.device=cpu",
+            "trainer.saes=[{name: t, architecture: topk, expansion_factor: 2, k: 4}]", f"trainer.run_dir={run}",
+            "feed.partitions=4", "producer.max_lag_messages=100000"]
+    cmd = [sys.executable, "-m", "streamd", "up", "--producers", "2", "--max-tokens", "8192"]
+    for s in sets:
+        cmd += ["--set", s]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "stopped after" in out.stdout and "feeder" in out.stdout
+    for i in range(2):
+        log = (run / f"producer-{i}.log").read_text()
+        assert re.search(r"text partitions assigned: \[\d", log), log[-2000:]
+        published = re.search(r"published (\d+) tokens", log)
+        assert published and int(published.group(1)) > 0, log[-2000:]

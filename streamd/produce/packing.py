@@ -15,6 +15,11 @@ class Window:
     input_ids: torch.Tensor  # LongTensor [T]
     keep_mask: torch.Tensor  # BoolTensor [T]
     carried: int = 0  # positions after the leading BOS that repeat the previous window's last tokens (context only)
+    # provenance: the position's document (its ordinal in the docs iterable, -1 for BOS / padding / carried context)
+    # and token index in it; every document up to ``complete_through`` has all its tokens in this window or earlier
+    doc_ord: torch.Tensor | None = None  # LongTensor [T]
+    doc_pos: torch.Tensor | None = None  # LongTensor [T]
+    complete_through: int = -1
 
 
 def _pad_id(tokenizer) -> int:
@@ -28,6 +33,12 @@ def _tokenized(tokenizer, docs: Iterable[str], chunk: int = 64) -> Iterator[list
     """Token ids of each document (no special tokens), tokenised in chunks so the fast tokenizer batches."""
     pending: list[str] = []
     for doc in docs:
+        if not isinstance(doc, str):  # pretokenized: a list of token ids, in order with the texts around it
+            if pending:
+                yield from tokenizer(pending, add_special_tokens=False, verbose=False)["input_ids"]
+                pending = []
+            yield list(doc)
+            continue
         pending.append(doc)
         if len(pending) == chunk:
             yield from tokenizer(pending, add_special_tokens=False, verbose=False)["input_ids"]
@@ -59,35 +70,46 @@ def pack_documents(tokenizer, docs: Iterable[str], context_length: int, skip_pos
     ids: list[int] = list(head)
     keep: list[bool] = [False] * len(head)
     carried = 0
+    ords: list[int] = [-1] * len(head)
+    poss: list[int] = [-1] * len(head)
 
-    def emit() -> Window:
+    def emit(complete_through: int) -> Window:
         pad = context_length - len(ids)
         return Window(
             input_ids=torch.tensor(ids + [_pad_id(tokenizer)] * pad, dtype=torch.long),
             keep_mask=torch.tensor(keep + [False] * pad, dtype=torch.bool),
             carried=carried,
+            doc_ord=torch.tensor(ords + [-1] * pad, dtype=torch.long),
+            doc_pos=torch.tensor(poss + [-1] * pad, dtype=torch.long),
+            complete_through=complete_through,
         )
 
-    for doc_ids in _tokenized(tokenizer, docs):
+    ordinal = -1
+    for ordinal, doc_ids in enumerate(_tokenized(tokenizer, docs)):
         if not doc_ids:
             continue
         if bos is not None and len(ids) > len(head):  # separate from the previous document in this window
             ids.append(bos)
             keep.append(False)
+            ords.append(-1)
+            poss.append(-1)
         i = 0
         while True:
             if len(ids) == context_length:
-                yield emit()
+                yield emit(ordinal if i == len(doc_ids) else ordinal - 1)
                 tail = ids[context_length - skip_positions :] if skip_positions else []
                 ids, keep, carried = list(head) + tail, [False] * (len(head) + len(tail)), len(tail)
+                ords, poss = [-1] * len(keep), [-1] * len(keep)  # carried tokens: context, published before
             if i == len(doc_ids):
                 break
             take = min(context_length - len(ids), len(doc_ids) - i)
             ids.extend(doc_ids[i : i + take])
             keep.extend([True] * take)
+            ords.extend([ordinal] * take)
+            poss.extend(range(i, i + take))
             i += take
     if any(keep):
-        yield emit()
+        yield emit(ordinal)
 
 
 def count_tokens(tokenizer, docs: Iterable[str]) -> int:

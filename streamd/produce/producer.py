@@ -28,8 +28,10 @@ from streamd.outliers import OUTLIER_REASONS, NormOutliers
 from streamd.produce.capture import ActivationCapture
 from streamd.produce.model import LoadedModel, load_frozen_model
 from streamd.produce.packing import pack_documents
+from streamd.produce.provenance import PROV_HEADER, CommitTracker, encode_provenance, spans
 from streamd.torch_utils import TORCH_DTYPES, configure_threads, resolve_device
-from streamd.produce.text import iter_source
+from streamd.produce.text import iter_documents, text_records
+from streamd.stream.text_topic import Rebalanced, TextTopicReader
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +67,15 @@ class Publisher:
     def depth(self) -> int:
         return self._outstanding
 
-    def publish(self, topic: str, key: bytes, value: bytes, n_tokens: int) -> bool:
+    def publish(self, topic: str, key: bytes, value: bytes, n_tokens: int, headers: list | None = None,
+                on_ack=None) -> bool:
         """Blocks while ``capacity`` messages are unacknowledged (the backpressure on the model); False if a stop
-        came meanwhile."""
+        came meanwhile. ``on_ack()`` runs once the broker acknowledged the message."""
         while not self._slots.acquire(timeout=0.5):
             if self.stop.is_set():
                 return False
         self._adjust(+1)
-        self._todo.put((topic, key, value, n_tokens, time.monotonic(), 0))
+        self._todo.put((topic, key, value, n_tokens, time.monotonic(), 0, (headers, on_ack)))
         return True
 
     def _adjust(self, delta: int) -> None:
@@ -86,7 +89,7 @@ class Publisher:
                 item = self._todo.get(timeout=0.2)
             except queue.Empty:
                 continue
-            topic, key, value, n_tokens, t0, attempt = item
+            topic, key, value, n_tokens, t0, attempt, (headers, on_ack) = item
             # Always to the topic of now: a message that waited (backpressure, a retry) may have outlived its
             # generation, which the trainer may have released. So a record lands on a generation at most
             # kafka.delivery_timeout_ms after the producer left it (the retention's grace counts on that).
@@ -104,14 +107,16 @@ class Publisher:
                     for t in {*self.topics, topic}:
                         ensure_topic(self.kafka, t, self.partitions)
                     self._recheck_topics.clear()
-                fut = self.producer.send(topic, value=value, key=key)
+                fut = self.producer.send(topic, value=value, key=key, headers=headers)
             except Exception as e:  # the broker is away, metadata timeout...
                 self._retry(item, e)
                 continue
-            fut.add_callback(lambda _meta, n=n_tokens, size=len(value), t0=t0: self._acked(n, size, t0))
+            fut.add_callback(lambda _meta, n=n_tokens, size=len(value), t0=t0, cb=on_ack: self._acked(n, size, t0, cb))
             fut.add_errback(lambda e, item=item: self._retry(item, e))
 
-    def _acked(self, n_tokens: int, size: int, t0: float) -> None:
+    def _acked(self, n_tokens: int, size: int, t0: float, on_ack=None) -> None:
+        if on_ack is not None:
+            on_ack()
         pid = self.metrics.producer_id
         self.metrics.tokens_published.labels(producer=pid).inc(n_tokens)
         self.metrics.messages_published.labels(producer=pid).inc()
@@ -121,7 +126,7 @@ class Publisher:
         self._slots.release()
 
     def _retry(self, item: tuple, err: BaseException) -> None:
-        topic, key, value, n_tokens, t0, attempt = item
+        topic, key, value, n_tokens, t0, attempt, extra = item
         self.metrics.publish_errors.labels(producer=self.metrics.producer_id, kind=publish_error_kind(err)).inc()
         if isinstance(err, PERMANENT_ERRORS):
             log.error("publish to %s failed for good (%s: %s); stopping", topic, type(err).__name__, err)
@@ -132,7 +137,7 @@ class Publisher:
         delay = min(0.2 * 2**attempt, 5.0)
         log.warning("publish to %s failed (%s: %s); retry %d in %.1fs", topic, type(err).__name__, err,
                     attempt + 1, delay)
-        timer = threading.Timer(delay, self._todo.put, args=((topic, key, value, n_tokens, t0, attempt + 1),))
+        timer = threading.Timer(delay, self._todo.put, args=((topic, key, value, n_tokens, t0, attempt + 1, extra),))
         timer.daemon = True
         timer.start()
 
@@ -206,11 +211,48 @@ class ActivationProducer:
             for reason in OUTLIER_REASONS:
                 self.metrics.outlier_tokens.labels(producer=self.pcfg.producer_id, site=label, reason=reason)
 
-    def _documents(self) -> Iterator[str]:
-        docs = self.metrics.documents.labels(producer=self.pcfg.producer_id)
-        for doc in iter_source(self.pcfg.source, kafka=self.cfg.kafka):
+    def _documents(self, reader: TextTopicReader | None) -> Iterator:
+        """Documents for the packer; each one's provenance goes to ``self._metas`` (and the commit tracker) under
+        its global ordinal, in the order the packer enumerates them."""
+        p, m = self.pcfg, self.metrics
+        docs = m.documents.labels(producer=p.producer_id)
+        errors = lambda reason: m.text_errors.labels(producer=p.producer_id, reason=reason).inc()  # noqa: E731
+        if reader is not None:
+            source = text_records(reader.records(), on_error=errors)
+        else:
+            source = iter_documents(p.source, shard=(p.shard.index, p.shard.count),
+                                    vocab_size=len(self.loaded.tokenizer), on_error=errors)
+        for doc, meta in source:
             docs.inc()
+            self._metas[self._next_ord] = meta
+            self.tracker.add(self._next_ord, meta)
+            self._next_ord += 1
             yield doc
+        self._source_done = True
+
+    def _text_reader(self, pub: Publisher) -> TextTopicReader | None:
+        src = self.pcfg.source
+        if src.kind != "kafka":
+            return None
+        m, pid = self.metrics, self.pcfg.producer_id
+        counted = [0]
+
+        def committable() -> dict[int, int]:
+            offsets = self.tracker.committable()
+            m.text_committed.labels(producer=pid).inc(self.tracker.done - counted[0])
+            counted[0] = self.tracker.done
+            m.text_partitions.labels(producer=pid).set(len(reader.consumer.assignment()))
+            return offsets
+
+        def revoked() -> None:
+            self.tracker.reset()
+            counted[0] = self.tracker.done
+            m.text_rebalances.labels(producer=pid).inc()
+
+        reader = TextTopicReader(self.cfg.kafka, src.topic, src.kafka_group, committable=committable,
+                                 on_revoked=revoked,
+                                 idle_exit_seconds=src.idle_exit_seconds)
+        return reader
 
     def run(self) -> int:
         """Publish until the source ends, max_tokens, or stop(); flushes before returning the tokens published."""
@@ -219,36 +261,60 @@ class ActivationProducer:
                         max_request_size=p.max_message_bytes + 4096, partitions=self.cfg.kafka.partitions,
                         stop=self.stop_event, retention=self.retention)
         key = p.producer_id.encode()
-        windows = pack_documents(self.loaded.tokenizer, self._documents(), p.context_length, p.skip_positions)
+        self.tracker, self._metas, self._next_ord, self._source_done = CommitTracker(), {}, 0, False
+        reader = None
         try:
+            reader = self._text_reader(pub)
             with ActivationCapture(self.loaded.model, p.sites) as capture:
-                for batch in _batches(windows, p.batch_size):
-                    if self.stop_event.is_set() or not self._wait_for_trainer():
-                        break
-                    topics = self._current_topics(pub)
-                    host_ids = torch.stack([w.input_ids for w in batch])
-                    keep = torch.stack([w.keep_mask for w in batch])
-                    keep_dev = keep.to(self.device, non_blocking=True)
-                    t0 = time.monotonic()
-                    with torch.inference_mode():
-                        acts = capture.capture(host_ids.to(self.device, non_blocking=True))
-                    self.metrics.forward_seconds.observe(time.monotonic() - t0)
-                    flat_ids = host_ids[keep]
-                    skipped = sum(w.carried for w in batch)
-                    for (site, layer), a in acts.items():
-                        # select and convert where the model runs: only published tokens, at the wire dtype, cross
-                        rows = a.detach()[keep_dev].to(self.wire_dtype).cpu()
-                        rows, ids = self._policy((site, layer), rows, flat_ids, skipped)
-                        self._publish(pub, key, topics[(site, layer)], self.site_ids[(site, layer)], rows, ids)
-                    self.tokens += int(keep.sum())
-                    if p.max_tokens is not None and self.tokens >= p.max_tokens:
-                        break
+                while True:
+                    base = self._next_ord  # the packer numbers its documents from 0: global = base + local
+                    windows = pack_documents(self.loaded.tokenizer, self._documents(reader), p.context_length,
+                                             p.skip_positions)
+                    try:
+                        self._run_windows(pub, capture, key, windows, base)
+                    except Rebalanced:  # partial windows dropped uncommitted: the partitions' next owner re-reads
+                        self._metas.clear()
+                        continue
+                    break
         finally:
             if not pub.close():
                 log.error("stopped with %d messages unacknowledged", pub.depth)
+            if self._source_done and pub.depth == 0:
+                self.tracker.built(self._next_ord)  # trailing empty documents placed nowhere are done too
+            if reader is not None:
+                reader.close()  # commits what is acknowledged
         if pub.fatal is not None:
             raise RuntimeError(f"publishing failed and cannot succeed on retry: {pub.fatal}") from pub.fatal
         return self.tokens
+
+    def _run_windows(self, pub: Publisher, capture: ActivationCapture, key: bytes, windows: Iterator,
+                     base: int) -> None:
+        p = self.pcfg
+        for batch in _batches(windows, p.batch_size):
+            if self.stop_event.is_set() or not self._wait_for_trainer():
+                break
+            topics = self._current_topics(pub)
+            host_ids = torch.stack([w.input_ids for w in batch])
+            keep = torch.stack([w.keep_mask for w in batch])
+            keep_dev = keep.to(self.device, non_blocking=True)
+            t0 = time.monotonic()
+            with torch.inference_mode():
+                acts = capture.capture(host_ids.to(self.device, non_blocking=True))
+            self.metrics.forward_seconds.observe(time.monotonic() - t0)
+            flat_ids = host_ids[keep]
+            prov = (torch.stack([w.doc_ord for w in batch])[keep] + base, torch.stack([w.doc_pos for w in batch])[keep])
+            skipped = sum(w.carried for w in batch)
+            for (site, layer), a in acts.items():
+                # select and convert where the model runs: only published tokens, at the wire dtype, cross
+                rows = a.detach()[keep_dev].to(self.wire_dtype).cpu()
+                rows, ids, site_prov = self._policy((site, layer), rows, flat_ids, prov, skipped)
+                self._publish(pub, key, topics[(site, layer)], self.site_ids[(site, layer)], rows, ids, site_prov)
+            self.tracker.built(base + batch[-1].complete_through)
+            for o in [o for o in self._metas if o <= base + batch[-1].complete_through]:
+                del self._metas[o]  # placed in messages already: their provenance travels there
+            self.tokens += int(keep.sum())
+            if p.max_tokens is not None and self.tokens >= p.max_tokens:
+                break
 
     def _current_topics(self, pub: Publisher) -> dict[tuple[str, int], str]:
         """Each site's topic now (as the retention strategy names it), created on first use."""
@@ -296,7 +362,7 @@ class ActivationProducer:
         return False
 
     def _policy(self, site: tuple[str, int], rows: torch.Tensor, token_ids: torch.Tensor,
-                skipped: int) -> tuple[torch.Tensor, torch.Tensor]:
+                prov: tuple[torch.Tensor, torch.Tensor], skipped: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """The token policy on one site's rows (after the wire dtype's range check, so an overflow is named as
         such): count the positions packing skipped, drop tokens whose norm is above outlier_factor x the site's
         running median."""
@@ -306,22 +372,23 @@ class ActivationProducer:
             outlier.labels(producer=pid, site=label, reason="position").inc(skipped)
         rule = self.outliers.get(site)
         if rule is None or not len(rows):
-            return rows, token_ids
-        rows, token_ids = self._finite_rows(rows, token_ids)
+            return rows, token_ids, prov
+        rows, token_ids, prov = self._finite_rows(rows, token_ids, prov)
         ok = rule.inliers(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32))
         if bool(ok.all()):
-            return rows, token_ids
+            return rows, token_ids, prov
         outlier.labels(producer=pid, site=label, reason="norm").inc(int((~ok).sum()))
-        return rows[ok], token_ids[ok]
+        return rows[ok], token_ids[ok], (prov[0][ok], prov[1][ok])
 
-    def _finite_rows(self, rows: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finite_rows(self, rows: torch.Tensor, token_ids: torch.Tensor,
+                     prov: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """Drop the tokens a trainer would reject (it rejects a whole message holding one non-finite value): values
         beyond the wire dtype's range (float16 tops out at 65504, and some models' activations go past it), or
         NaN / inf from the model. Counted in ``streamd_tokens_dropped_total{reason}``, logged once per reason.
         Tokens, not messages, are dropped: the rest of a message is good data."""
         ok = torch.isfinite(rows).all(dim=1)
         if bool(ok.all()):
-            return rows, token_ids
+            return rows, token_ids, prov
         bad = rows[~ok]
         reason = "overflow" if rows.dtype == torch.float16 and not bool(bad.isnan().any()) else "non_finite"
         n = int(len(bad))
@@ -336,12 +403,12 @@ class ActivationProducer:
             else:
                 log.error("%d token(s) hold NaN / inf activations from the model and are dropped, not published "
                           "(streamd_tokens_dropped_total{reason=\"non_finite\"}; logged once)", n)
-        return rows[ok], token_ids[ok]
+        return rows[ok], token_ids[ok], (prov[0][ok], prov[1][ok])
 
     def _publish(self, pub: Publisher, key: bytes, topic: str, sid: int, rows: torch.Tensor,
-                 token_ids: torch.Tensor) -> None:
+                 token_ids: torch.Tensor, prov: tuple[torch.Tensor, torch.Tensor]) -> None:
         p = self.pcfg
-        rows, token_ids = self._finite_rows(rows, token_ids)
+        rows, token_ids, (ords, poss) = self._finite_rows(rows, token_ids, prov)
         if not len(rows):
             return
         step = split_rows(len(rows), rows.shape[1], rows.dtype, p.producer_id, p.include_token_ids,
@@ -351,7 +418,12 @@ class ActivationProducer:
                 producer_id=p.producer_id, seq=self.seq, site_id=sid, acts=rows[lo : lo + step],
                 token_ids=token_ids[lo : lo + step] if p.include_token_ids else None,
             )
-            if not pub.publish(topic, key, wire.encode(msg), len(msg.acts)):
+            span_list = spans(ords[lo : lo + step], poss[lo : lo + step], self._metas)
+            in_msg = set(ords[lo : lo + step].tolist())
+            self.tracker.sent(in_msg)
+            if not pub.publish(topic, key, wire.encode(msg), len(msg.acts),
+                               headers=[(PROV_HEADER, encode_provenance(span_list))],
+                               on_ack=lambda o=in_msg: self.tracker.acked(o)):
                 return
             self.seq += 1
 

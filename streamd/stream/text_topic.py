@@ -1,0 +1,242 @@
+"""The text topic the producers share: a reader that commits only what its owner says is done, the feeder's lock,
+and the text lag of the producers' group. Everything Kafka-specific about the text stream lives here.
+
+Reading (``TextTopicReader``): the producers consume the topic in one consumer group, so Kafka divides its
+partitions among them and rebalances when one joins or dies. Nothing is auto-committed: the reader asks a
+``committable()`` callback (the producer's provenance tracker) for the offsets whose every activation message is
+acknowledged and commits those (at most every ``commit_every_seconds``), so after a crash the documents past them
+are re-read (at-least-once), never skipped. On a revocation (kafka-python 3 runs the rebalance listener on its I/O
+thread, where no commit can be made) the owner forgets what it tracked (``on_revoked``), the reader seeks every
+partition it is assigned to its committed offset and raises ``Rebalanced`` out of the document iterator: the owner
+drops its partially built windows uncommitted and asks for a new iterator. What was acknowledged after the last
+commit is published again by the partition's next owner (a duplicate, never a gap).
+
+The feeder's lock (``FeederLock``): a heartbeat record every ``ttl / 4`` seconds on ``TOPIC.feeder-lock`` (one
+partition). A starting feeder watches that topic for a ttl: a heartbeat of another feeder in that time means a live
+one holds the topic and it refuses; silence means the last one is dead and it takes over. It needs nothing but
+produce and fetch, so it works on Tansu and on Kafka alike. Two feeders started within one ttl of each other may
+both start (documented).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from streamd.config import KafkaConfig
+from streamd.stream.kafka import end_offsets, ensure_topic, make_admin, make_consumer, make_producer
+
+log = logging.getLogger(__name__)
+
+DOC_HEADER = "streamd-doc"  # the feeder's document id (its index in the source's order), decimal
+EPOCH_HEADER = "streamd-epoch"
+
+
+class Rebalanced(Exception):
+    """The reader's partitions were revoked: drop what is partially built, then call ``documents()`` again."""
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    partition: int
+    offset: int
+    doc_id: int  # from the feeder's header, else the offset
+    value: bytes | None
+
+
+class TextTopicReader:
+    """Records of ``topic`` in consumer group ``group_id``, committed only as far as ``committable()`` says."""
+
+    def __init__(self, kafka: KafkaConfig, topic: str, group_id: str, *,
+                 committable: Callable[[], dict[int, int]] | None = None,
+                 on_revoked: Callable[[], None] | None = None,
+                 idle_exit_seconds: float | None = None, commit_every_seconds: float = 0.5) -> None:
+        self.topic, self.group_id = topic, group_id
+        self.committable = committable
+        self.on_revoked = on_revoked
+        self.idle_exit_seconds, self.commit_every_seconds = idle_exit_seconds, commit_every_seconds
+        self.committed: dict[int, int] = {}
+        self.commits = 0
+        self._revoked = self._reseek = False
+        self._buffered: list[TextRecord] = []
+        self._last_commit = 0.0
+        self.consumer = make_consumer(kafka, group_id=group_id, max_poll_records=500)
+        reader = self
+
+        # kafka-python 3 calls the listener on its I/O thread, where nothing may block (no commit, no offset
+        # fetch): it only takes note; records() does the work on the polling thread after the poll.
+        class _Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                if revoked:
+                    reader._revoked = True
+                    if reader.on_revoked is not None:
+                        reader.on_revoked()
+                    log.info("text partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+            def on_partitions_assigned(self, assigned):
+                reader._reseek = True
+                log.info("text partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+        self.consumer.subscribe([topic], listener=_Listener())
+
+    def assignment(self) -> list[int]:
+        return sorted(tp.partition for tp in self.consumer.assignment())
+
+    def commit(self, force: bool = False) -> None:
+        """Commit what the owner says is done (only partitions still assigned, only forward)."""
+        if self.committable is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_commit < self.commit_every_seconds:
+            return
+        self._last_commit = now
+        assigned = {tp.partition for tp in self.consumer.assignment()}
+        todo = {p: off for p, off in self.committable().items()
+                if p in assigned and off > self.committed.get(p, -1)}
+        if not todo:
+            return
+        try:
+            self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(off, "", -1)
+                                  for p, off in todo.items()})
+        except Exception as e:  # a rebalance in progress, the broker away: the next commit carries it
+            log.warning("text offset commit failed (%s: %s); retried with the next", type(e).__name__, e)
+            return
+        self.committed.update(todo)
+        self.commits += 1
+
+    def records(self) -> Iterator[TextRecord]:
+        """Records in partition order; raises ``Rebalanced`` after a revocation; ends after ``idle_exit_seconds``
+        without a record (when set)."""
+        last = None  # the idle clock starts at the first record: a producer may start before the feeder
+        while True:
+            while self._buffered:
+                yield self._buffered.pop(0)
+            batch = self.consumer.poll(timeout_ms=300)
+            self.commit()
+            got = [TextRecord(tp.partition, r.offset, _doc_id(r), r.value)
+                   for tp, recs in sorted(batch.items(), key=lambda kv: kv[0].partition) for r in recs]
+            if self._reseek:
+                # Every assigned partition starts again at its committed offset, kept ones too: the documents
+                # read past it were (or are now) dropped with the partial windows.
+                self._reseek = False
+                self.committed.clear()
+                for tp in self.consumer.assignment():
+                    off = self.consumer.committed(tp)
+                    if off is None:
+                        self.consumer.seek_to_beginning(tp)
+                    else:
+                        self.consumer.seek(tp, off)
+                got = []
+            if self._revoked:
+                self._revoked = False
+                self._buffered = []
+                raise Rebalanced()
+            if got:
+                last = time.monotonic()
+                self._buffered = got
+            elif (self.idle_exit_seconds is not None and last is not None
+                  and time.monotonic() - last > self.idle_exit_seconds):
+                return
+
+    def close(self) -> None:
+        self.commit(force=True)
+        self.consumer.close(autocommit=False)
+
+
+def _doc_id(record) -> int:
+    for k, v in record.headers or ():
+        if k == DOC_HEADER:
+            try:
+                return int(v)
+            except ValueError:
+                break
+    return record.offset
+
+
+# --- the feeder's side --------------------------------------------------------------------------------------------
+
+
+def text_lag(kafka: KafkaConfig, topic: str, group_id: str, known_ends: dict[int, int]) -> int:
+    """Documents in ``topic`` not yet committed by ``group_id``: per partition the end (the larger of what the
+    feeder knows it wrote and the broker's end offset, which Tansu underestimates) minus the committed offset."""
+    ends = {p: off for (t, p), off in end_offsets(kafka, [topic]).items() if t == topic}
+    for p, off in known_ends.items():
+        ends[p] = max(ends.get(p, 0), off)
+    admin = make_admin(kafka)
+    try:
+        found = admin.list_group_offsets({group_id: None}).get(group_id, {})
+    finally:
+        admin.close()
+    committed = {tp.partition: om.offset for tp, om in found.items() if tp.topic == topic and om.offset >= 0}
+    return sum(max(0, end - committed.get(p, 0)) for p, end in ends.items())
+
+
+class FeederLockHeld(RuntimeError):
+    pass
+
+
+class FeederLock:
+    """One feeder per text topic: heartbeats on ``TOPIC.feeder-lock`` (see the module docstring)."""
+
+    def __init__(self, kafka: KafkaConfig, topic: str, ttl: float) -> None:
+        self.kafka, self.lock_topic, self.ttl = kafka, f"{topic}.feeder-lock", ttl
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._producer = None
+
+    def acquire(self) -> None:
+        ensure_topic(self.kafka, self.lock_topic, 1)
+        consumer = make_consumer(self.kafka, group_id=None)
+        tp = TopicPartition(self.lock_topic, 0)
+        consumer.assign([tp])
+        end = consumer.end_offsets([tp])[tp]
+        consumer.seek(tp, max(0, end - 64))  # Tansu's end offset is low: read a little before it
+        started, deadline = time.time(), time.monotonic() + self.ttl
+        try:
+            while time.monotonic() < deadline:
+                for recs in consumer.poll(timeout_ms=200).values():
+                    for r in recs:
+                        try:
+                            beat = json.loads(r.value)
+                        except ValueError:
+                            continue
+                        # another feeder's beat written while we watch: it is alive (a dead one's beats stop)
+                        if beat.get("owner") != self.owner and beat.get("ts", 0) >= started - 0.5:
+                            raise FeederLockHeld(
+                                f"another feeder ({beat.get('owner')}) is feeding {self.lock_topic[:-13]} "
+                                f"(it heartbeats on {self.lock_topic}); one feeder per text topic")
+        finally:
+            consumer.close()
+        self._producer = make_producer(self.kafka, max_request_size=2**16)
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="streamd-feeder-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        self._producer.send(self.lock_topic, json.dumps({"owner": self.owner, "ts": time.time()}).encode())
+        self._producer.flush(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                self._beat()
+            except Exception as e:
+                log.warning("feeder lock heartbeat failed: %s", e)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._producer is not None:
+            self._producer.close(timeout=5)
