@@ -307,7 +307,7 @@ class Trainer:
                 self._after_step()
             if self.source.exhausted and self.buffer is not None and self.scale is not None:
                 self._drain()
-            if self._last_stats:  # the final state, whatever the cadence
+            if self._last_stats and self.cadence.record_tokens != self.tokens:  # the final state, if not yet recorded
                 self._record(self.cadence.recorded(self.tokens, time.monotonic()))
             if self.learners and self.cadence.unsaved(self.tokens):
                 self.evaluate()
