@@ -34,6 +34,8 @@ DENSITY_EDGES = tuple(-8.0 + DENSITY_STEP * i for i in range(16))
 DENSITY_NEVER = "never"
 DENSITY_BUCKETS = tuple(f"{e:.1f}" for e in DENSITY_EDGES) + (DENSITY_NEVER,)
 PUBLISH_ERROR_KINDS = ("timeout", "too_large", "broker", "other")
+# Why a source document was skipped or flagged (the ``reason`` of the text-error counters).
+TEXT_ERROR_REASONS = ("not_utf8", "empty", "missing_column", "out_of_vocabulary")
 
 
 @dataclass(frozen=True)
@@ -305,8 +307,6 @@ class ProducerMetrics:
                   self.send_queue_capacity, self.documents, self.stream_lag_messages, self.text_committed,
                   self.text_partitions, self.text_rebalances):
             m.labels(producer=producer_id)
-        from streamd.produce.text import TEXT_ERROR_REASONS  # no torch there
-
         for reason in TEXT_ERROR_REASONS:
             self.text_errors.labels(producer=producer_id, reason=reason)
         for kind in PUBLISH_ERROR_KINDS:
@@ -339,7 +339,5 @@ class FeederMetrics:
         for m in (self.documents_fed, self.bytes_fed, self.held_out, self.epoch, self.throttled):
             m.labels(topic=topic)
         self.lag.labels(topic=topic, group=group)
-        from streamd.produce.text import TEXT_ERROR_REASONS
-
         for reason in TEXT_ERROR_REASONS:
             self.errors.labels(topic=topic, reason=reason)

@@ -35,8 +35,6 @@ class SourceError(ValueError):
     """A text source cannot be read; the message names the file (and line) or the missing package."""
 
 
-TEXT_ERROR_REASONS = ("not_utf8", "empty", "missing_column", "out_of_vocabulary")
-
 
 @dataclass(frozen=True)
 class DocMeta:
