@@ -307,7 +307,8 @@ class ActivationProducer:
             for (site, layer), a in acts.items():
                 # select and convert where the model runs: only published tokens, at the wire dtype, cross
                 rows = a.detach()[keep_dev].to(self.wire_dtype).cpu()
-                rows, ids, site_prov = self._policy((site, layer), rows, flat_ids, prov, skipped)
+                rows, ids, site_prov = self._finite_rows(rows, flat_ids, prov)  # before the policy: overflow named
+                rows, ids, site_prov = self._policy((site, layer), rows, ids, site_prov, skipped)
                 self._publish(pub, key, topics[(site, layer)], self.site_ids[(site, layer)], rows, ids, site_prov)
             self.tracker.built(base + batch[-1].complete_through)
             for o in [o for o in self._metas if o <= base + batch[-1].complete_through]:
@@ -363,9 +364,8 @@ class ActivationProducer:
 
     def _policy(self, site: tuple[str, int], rows: torch.Tensor, token_ids: torch.Tensor,
                 prov: tuple[torch.Tensor, torch.Tensor], skipped: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        """The token policy on one site's rows (after the wire dtype's range check, so an overflow is named as
-        such): count the positions packing skipped, drop tokens whose norm is above outlier_factor x the site's
-        running median."""
+        """The token policy on one site's finite rows: count the positions packing skipped, drop tokens whose norm is
+        above outlier_factor x the site's running median."""
         outlier = self.metrics.outlier_tokens
         pid, label = self.pcfg.producer_id, self.site_labels[site]
         if skipped:
@@ -373,7 +373,6 @@ class ActivationProducer:
         rule = self.outliers.get(site)
         if rule is None or not len(rows):
             return rows, token_ids, prov
-        rows, token_ids, prov = self._finite_rows(rows, token_ids, prov)
         ok = rule.inliers(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32))
         if bool(ok.all()):
             return rows, token_ids, prov
@@ -408,7 +407,7 @@ class ActivationProducer:
     def _publish(self, pub: Publisher, key: bytes, topic: str, sid: int, rows: torch.Tensor,
                  token_ids: torch.Tensor, prov: tuple[torch.Tensor, torch.Tensor]) -> None:
         p = self.pcfg
-        rows, token_ids, (ords, poss) = self._finite_rows(rows, token_ids, prov)
+        ords, poss = prov
         if not len(rows):
             return
         step = split_rows(len(rows), rows.shape[1], rows.dtype, p.producer_id, p.include_token_ids,
