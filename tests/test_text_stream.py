@@ -156,7 +156,7 @@ def test_a_killed_producer_s_documents_are_taken_over(kafka_cfg, tiny_llama_dir,
 
 
 def test_feeder_restart_skips_nothing_and_a_second_feeder_refuses(kafka_cfg, tmp_path):
-    n_docs = 30000
+    n_docs = 60000  # enough that the first feeder is still feeding when the second one has started and refused
     corpus(tmp_path / "docs.txt", n_docs)
     cfg = feed_cfg(kafka_cfg, tmp_path / "docs.txt", tmp_path, commit_every_seconds=0.2)
     first = start("feed", cfg, tmp_path, "feeder1")
