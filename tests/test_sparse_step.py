@@ -103,3 +103,15 @@ def test_learner_keeps_the_dense_path_for_other_architectures_and_when_asked():
     t = dict(batch_size=64, buffer_tokens=1024, device="cpu")
     assert not Learner(SAEConfig(name="r", architecture="relu", d_sae=32), D_IN, TrainerConfig(**t)).sparse
     assert not Learner(sae_cfg("topk"), D_IN, TrainerConfig(sparse_step=False, **t)).sparse
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_encoder_gradient_and_adam_state_keep_the_latent_major_layout(sparse):
+    """W_enc [d_in, d_sae] is stored latent-major; a gradient in another layout would be copied into it every step."""
+    t = TrainerConfig(batch_size=64, buffer_tokens=1024, device="cpu", sparse_step=sparse)
+    learner = Learner(sae_cfg("topk"), D_IN, t)
+    learner.step(inputs(64, 3))
+    w = learner.sae.W_enc
+    assert w.stride() == (1, D_IN) and w.shape == (D_IN, D_SAE)
+    assert w.grad.stride() == w.stride()
+    assert learner.opt.state[w]["exp_avg"].stride() == w.stride()

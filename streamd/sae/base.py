@@ -80,7 +80,10 @@ class SAE(nn.Module, ABC):
         w_dec = torch.randn(self.d_sae, d_in, generator=generator)
         w_dec *= self.decoder_init_norm / w_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T.clone().contiguous())  # encoder = decoder^T: every recipe here
+        # encoder = decoder^T (every recipe here), stored latent-major: W_enc is the [d_in, d_sae] view of a
+        # [d_sae, d_in] matrix, so the sparse step's gradient (computed per latent row) and Adam's state keep that
+        # layout with no transposing copy, and the encoder matmul reads it as torch.nn.Linear does
+        self.W_enc = nn.Parameter(w_dec.clone().T)
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 

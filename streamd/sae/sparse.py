@@ -136,4 +136,4 @@ class SparseTopKLoss(torch.autograd.Function):
             g_w_enc_t = g_w_enc_t + torch.sparse.mm(_csr(t_crow, t_col, g_lat[perm], (f, b)), xc)
             g_b_enc = g_b_enc + torch.bincount(co, weights=g_lat, minlength=f)
         g_b_dec = g_rec.sum(0) - w_enc @ g_b_enc
-        return None, g_w_enc_t.T.contiguous(), g_b_enc, g_w_dec, g_b_dec, None, None, None, None, None, None
+        return None, g_w_enc_t.T, g_b_enc, g_w_dec, g_b_dec, None, None, None, None, None, None
