@@ -115,3 +115,18 @@ def test_encoder_gradient_and_adam_state_keep_the_latent_major_layout(sparse):
     assert w.stride() == (1, D_IN) and w.shape == (D_IN, D_SAE)
     assert w.grad.stride() == w.stride()
     assert learner.opt.state[w]["exp_avg"].stride() == w.stride()
+
+
+def test_adam_is_fused_and_stays_fused_after_resuming_a_state_saved_without():
+    t = TrainerConfig(batch_size=64, buffer_tokens=1024, device="cpu")
+    learner = Learner(sae_cfg("topk"), D_IN, t)
+    learner.step(inputs(64, 4))
+    state = copy.deepcopy(learner.state_dict())  # as from disk: the optimizer would share its moments otherwise
+    for group in state["optimizer"]["param_groups"]:  # as an older streamd (plain Adam) saved it
+        group["fused"] = None
+    resumed = Learner(sae_cfg("topk"), D_IN, t)
+    resumed.load_state_dict(state)
+    assert learner.opt.param_groups[0]["fused"] and resumed.opt.param_groups[0]["fused"]
+    resumed.step(inputs(64, 5))
+    learner.step(inputs(64, 5))
+    assert torch.equal(resumed.sae.W_enc, learner.sae.W_enc)

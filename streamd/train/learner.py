@@ -79,7 +79,11 @@ class Learner:
         self.device = torch.device(device)
         self.sae = build_sae(cfg, d_in).to(self.device)
         self.base_lr = cfg.learning_rate(d_in)  # lr, else the architecture's default_lr
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999))
+        # fused: one kernel per parameter instead of a dozen elementwise passes (2.5x faster on the CPU, 0.15 of a
+        # sparse step before); torch has it for CPU and CUDA
+        self.fused_adam = self.device.type in ("cpu", "cuda")
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999),
+                                    fused=self.fused_adam or None)
         self.autocast = trainer_cfg.autocast_bf16 and self.device.type == "cuda"
         self.sparse = trainer_cfg.sparse_step and self.sae.sparse_step  # TopK family: the sparse step
         self.window = StatWindow(trainer_cfg.stats_window_tokens, trainer_cfg.batch_size, self.device)
@@ -190,6 +194,8 @@ class Learner:
     def load_state_dict(self, state: dict) -> None:
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:  # a state saved by another build carries its own choice
+            group["fused"], group["foreach"] = self.fused_adam or None, None
         self.tokens_seen, self.steps = int(state["tokens_seen"]), int(state["steps"])
         self.b_dec_initialized = bool(state["b_dec_initialized"])
         for name in ("since_fired", "window_fires", "last_fires"):
