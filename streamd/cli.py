@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -127,13 +128,26 @@ def _producer_server(cfg: StreamdConfig, prod):
 
 
 def cmd_train(args) -> int:
-    from streamd.train.trainer import Trainer
+    from streamd.train.distributed import check_parallel, world_from_env
 
     cfg = _config(args)
+    _, world_size, _ = world_from_env()
+    if args.world_size is not None and "RANK" not in os.environ:  # the launcher; torchrun sets RANK itself
+        check_parallel(cfg, args.world_size, args.source)  # refused once, before any rank starts
+        if args.world_size > 1:
+            from streamd.train.launch import launch
+
+            return launch(args.world_size, args.argv, cfg.trainer.collective_timeout_seconds)
+    elif args.world_size is not None and args.world_size != world_size:
+        raise ConfigError(f"--world-size {args.world_size}, but the environment (torchrun) says WORLD_SIZE={world_size}")
+    from streamd.train.trainer import Trainer
+
     trainer = Trainer(cfg, activation_file=args.source, loop_file=args.loop,
                       on_progress=lambda p: print(p.line(), flush=True))
     _on_signals(trainer.stop)
-    print(f"metrics: {trainer.server.url}/metrics  checkpoints: {cfg.trainer.run_dir / 'checkpoints'}", flush=True)
+    if trainer.server:
+        print(f"metrics: {trainer.server.url}/metrics  checkpoints: {cfg.trainer.run_dir / 'checkpoints'}",
+              flush=True)
     trainer.run()
     return 0
 
@@ -249,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, TRAIN_FLAGS)
     p.add_argument("--source", type=Path, help="train from a .npy/.safetensors file instead of Kafka")
     p.add_argument("--loop", action="store_true", help="with --source: loop over the file")
+    p.add_argument("--world-size", type=int, choices=range(1, 1025), metavar="N",
+                   help="data-parallel: N local ranks (processes) train one set of SAEs (also works under torchrun)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("up", help="broker + producer + trainer on this machine (the embedded default)")
@@ -294,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher hands its ranks
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
     try:

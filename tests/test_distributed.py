@@ -1,0 +1,158 @@
+"""Data-parallel training against a real local broker: ranks are processes (gloo on the CPU), started by
+``streamd train --world-size N`` or, like torchrun would, with RANK / WORLD_SIZE / MASTER_ADDR in the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from streamd.run.checkpoints import CheckpointStore
+from streamd.train.launch import free_port
+from tests.streamd_testing import check_offsets_exact, publish, random_acts, topic_messages, trace_counts, \
+    trainer_config, write_config
+
+TIMEOUT_S = 10.0  # the collective timeout in these tests
+
+
+def _train(cfg_path: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamd", "train", "--config", str(cfg_path), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rank_traces(trace: Path) -> list[Path]:
+    """Rank 0's trace under the configured name, rank r's as ``NAME.rankR.jsonl``."""
+    return [trace] + sorted(trace.parent.glob(f"{trace.stem}.rank*{trace.suffix}"))
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _merged(traces: list[Path], upto_tokens: int | None = None) -> Counter:
+    out: Counter = Counter()
+    for t in traces:
+        out.update(trace_counts(t, upto_tokens))
+    return out
+
+
+def _final_offsets(run: Path, topic: str) -> tuple[int, dict[int, int]]:
+    store = CheckpointStore(run, 2, writer=False)
+    latest = store.latest()
+    return json.loads((latest / "manifest.json").read_text())["tokens"], store.read_offsets(latest)[topic]
+
+
+def _kafka(broker, partitions: int):
+    return broker.config(topic=f"test-{uuid.uuid4().hex[:12]}", partitions=partitions, session_timeout_ms=6000)
+
+
+@pytest.mark.parametrize("partitions,ranks", [(4, 2), (5, 2), (2, 3)])
+def test_ranks_train_one_sae_with_equal_weights_and_every_token_once(broker, tmp_path, partitions, ranks):
+    """Every rank's weights are bitwise equal after every step; every message below the final checkpoint's offsets
+    was trained once (by one rank), none twice; uneven partition counts and an idle rank (3 ranks, 2 partitions)
+    neither deadlock nor stop the others."""
+    kafka = _kafka(broker, partitions)
+    publish(kafka, random_acts(20_000, 16, seed=1), tokens_per_msg=50, partitions=partitions)
+    run = tmp_path / "run"
+    cfg = trainer_config(kafka, run, every_tokens=2048, trace_file=run / "trace.jsonl", max_tokens=10_240,
+                         collective_timeout_seconds=TIMEOUT_S, max_token_age_buffers=2)
+    done = _train(write_config(cfg, tmp_path / "c.yaml"), "--world-size", str(ranks))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    traces = _rank_traces(run / "trace.jsonl")
+    assert len(traces) == ranks
+    lines = [_lines(t) for t in traces]
+    assert all(len(r) == len(lines[0]) for r in lines), [len(r) for r in lines]
+    for step, per_rank in enumerate(zip(*lines)):
+        assert len({r["tokens"] for r in per_rank}) == 1, f"step {step}: token counts differ {per_rank}"
+        assert len({r["params"] for r in per_rank}) == 1, f"step {step}: the ranks' weights differ"
+    tokens, offsets = _final_offsets(run, kafka.topic)
+    assert tokens == lines[0][-1]["tokens"] >= 10_240
+    served = [trace_counts(t) for t in traces]
+    readers = {r for r in range(ranks) if any(p % ranks == r for p in range(partitions))}
+    assert {r for r in range(ranks) if served[r]} == readers  # every rank with a partition trained, the idle none
+    for r, counts in enumerate(served):  # each partition is read by one rank
+        assert {p for _, p, _ in counts} <= {p for p in range(partitions) if p % ranks == r}
+    below = check_offsets_exact(topic_messages(kafka), offsets, _merged(traces), kafka.topic)
+    assert below > 40
+
+
+def test_sigkill_of_a_rank_stops_the_other_and_restarts_lose_nothing(broker, tmp_path):
+    """Ranks started as torchrun would. SIGKILL rank 1: rank 0 stops with a clear error within the collective
+    timeout, its last checkpoint on disk; a restart with 1 rank and then with 2 leaves nothing below the final
+    offsets untrained, and trains nothing twice that a checkpoint had covered."""
+    kafka = _kafka(broker, 4)
+    publish(kafka, random_acts(30_000, 16, seed=2), tokens_per_msg=50, partitions=4)
+    messages = topic_messages(kafka)
+    run = tmp_path / "run"
+
+    def config(name: str, **kw) -> Path:
+        cfg = trainer_config(kafka, run, trace_file=run / f"{name}.jsonl", collective_timeout_seconds=TIMEOUT_S,
+                             max_token_age_buffers=2, **kw)
+        return write_config(cfg, tmp_path / f"{name}.yaml")
+
+    cfg1 = config("run1", every_tokens=2048)
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "streamd", "train", "--config", str(cfg1)], stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port)}) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:] if procs[0].poll() else ""
+            assert time.monotonic() < deadline, "the first run made no checkpoint"
+            ck = (run / "checkpoints" / "latest").exists() and _final_offsets(run, kafka.topic)[0]
+            trace = run / "run1.jsonl"
+            if ck and ck >= 6000 and trace.exists() and _lines(trace)[-1]["tokens"] > ck:
+                break
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        err = procs[0].communicate(timeout=TIMEOUT_S + 30)[1]
+        stopped_s = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode != 0
+    assert "rank 0 of 2" in err and "failed" in err, err[-3000:]
+    assert stopped_s < TIMEOUT_S + 20
+    ck_tokens, ck_offsets = _final_offsets(run, kafka.topic)
+
+    def durable(traces: list[Path], offsets: dict[int, int], upto: int | None = None) -> Counter:
+        """A run's work that its last checkpoint covers: below that checkpoint's offsets."""
+        c = _merged(traces, upto)
+        return Counter({k: n for k, n in c.items() if k[2] < offsets[k[1]]})
+
+    trained = durable(_rank_traces(run / "run1.jsonl"), ck_offsets, ck_tokens)
+    previous = ck_offsets
+    for name, ranks in (("run2", 1), ("run3", 2)):
+        done = _train(config(name, every_tokens=None, max_tokens=_final_offsets(run, kafka.topic)[0] + 6144),
+                      "--world-size", str(ranks))
+        assert done.returncode == 0, done.stderr[-3000:]
+        now = _merged(_rank_traces(run / f"{name}.jsonl"))
+        again = [k for k in now if k[2] < previous[k[1]]]
+        assert not again, f"{name} trained messages its checkpoint had covered: {again[:5]}"
+        previous = _final_offsets(run, kafka.topic)[1]
+        trained.update(durable(_rank_traces(run / f"{name}.jsonl"), previous))
+    assert check_offsets_exact(messages, previous, trained, kafka.topic) > 150
+
+
+def test_data_parallel_refuses_generations_and_files(tmp_path, kafka_cfg):
+    cfg = trainer_config(kafka_cfg.model_copy(update={"generation_seconds": 200.0}), tmp_path / "run")
+    done = _train(write_config(cfg, tmp_path / "c.yaml"), "--world-size", "2", timeout=60)
+    assert done.returncode == 2 and "kafka.generation_seconds" in done.stderr and "one rank" in done.stderr
+    cfg = trainer_config(kafka_cfg, tmp_path / "run")
+    done = _train(write_config(cfg, tmp_path / "c.yaml"), "--world-size", "2", "--source", str(tmp_path / "a.npy"),
+                  timeout=60)
+    assert done.returncode == 2 and "a cached file is trained by one process" in done.stderr
