@@ -15,12 +15,19 @@ from pathlib import Path
 
 import pytest
 
+from streamd.config import SAEConfig
 from streamd.run.checkpoints import CheckpointStore
+from streamd.stream.kafka import group_offsets
 from streamd.train.launch import free_port
 from tests.streamd_testing import check_offsets_exact, publish, random_acts, topic_messages, trace_counts, \
     trainer_config, write_config
 
 TIMEOUT_S = 10.0  # the collective timeout in these tests
+SAES = [  # the sparse step, BatchTopK (its threshold is agreed on) and a dense architecture
+    SAEConfig(name="topk", architecture="topk", expansion_factor=4, k=4),
+    SAEConfig(name="btk", architecture="batchtopk", expansion_factor=4, k=4),
+    SAEConfig(name="relu", architecture="relu", expansion_factor=4),
+]
 
 
 def _train(cfg_path: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -63,7 +70,7 @@ def test_ranks_train_one_sae_with_equal_weights_and_every_token_once(broker, tmp
     publish(kafka, random_acts(20_000, 16, seed=1), tokens_per_msg=50, partitions=partitions)
     run = tmp_path / "run"
     cfg = trainer_config(kafka, run, every_tokens=2048, trace_file=run / "trace.jsonl", max_tokens=10_240,
-                         collective_timeout_seconds=TIMEOUT_S, max_token_age_buffers=2)
+                         collective_timeout_seconds=TIMEOUT_S, max_token_age_buffers=2, group_id="dp", saes=SAES)
     done = _train(write_config(cfg, tmp_path / "c.yaml"), "--world-size", str(ranks))
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -83,6 +90,9 @@ def test_ranks_train_one_sae_with_equal_weights_and_every_token_once(broker, tmp
         assert {p for _, p, _ in counts} <= {p for p in range(partitions) if p % ranks == r}
     below = check_offsets_exact(topic_messages(kafka), offsets, _merged(traces), kafka.topic)
     assert below > 40
+    # rank 0 committed every partition's offset to the group, those of the other ranks' partitions included
+    committed = group_offsets(kafka)["dp"]
+    assert {p: committed[(kafka.topic, p)] for p in range(partitions)} == offsets
 
 
 def test_sigkill_of_a_rank_stops_the_other_and_restarts_lose_nothing(broker, tmp_path):
