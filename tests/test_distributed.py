@@ -159,10 +159,37 @@ def test_sigkill_of_a_rank_stops_the_other_and_restarts_lose_nothing(broker, tmp
 
 
 def test_data_parallel_refuses_generations_and_files(tmp_path, kafka_cfg):
-    cfg = trainer_config(kafka_cfg.model_copy(update={"generation_seconds": 200.0}), tmp_path / "run")
+    cfg = trainer_config(kafka_cfg.model_copy(update={"generation_seconds": 200}), tmp_path / "run")
     done = _train(write_config(cfg, tmp_path / "c.yaml"), "--world-size", "2", timeout=60)
     assert done.returncode == 2 and "kafka.generation_seconds" in done.stderr and "one rank" in done.stderr
     cfg = trainer_config(kafka_cfg, tmp_path / "run")
     done = _train(write_config(cfg, tmp_path / "c.yaml"), "--world-size", "2", "--source", str(tmp_path / "a.npy"),
                   timeout=60)
     assert done.returncode == 2 and "a cached file is trained by one process" in done.stderr
+
+
+def test_a_sweep_in_two_runs_each_reads_the_whole_stream(broker, tmp_path):
+    """Scale-out without all-reduce: two trainer processes, each its own run (and so its own consumer group), each
+    training its part of a sweep on the whole stream, concurrently."""
+    kafka = _kafka(broker, 4)
+    publish(kafka, random_acts(8000, 16, seed=3), tokens_per_msg=50, partitions=4)
+    messages = topic_messages(kafka)
+    runs = {}
+    for k in (4, 8):
+        run = tmp_path / f"k{k}"
+        cfg = trainer_config(kafka, run, every_tokens=None, trace_file=run / "trace.jsonl", max_tokens=6144,
+                             max_token_age_buffers=2, saes=[SAEConfig(name=f"topk-k{k}", architecture="topk",
+                                                                      expansion_factor=4, k=k)])
+        runs[run] = subprocess.Popen([sys.executable, "-m", "streamd", "train", "--config",
+                                      str(write_config(cfg, tmp_path / f"k{k}.yaml"))],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for run, proc in runs.items():
+        assert proc.wait(timeout=180) == 0, proc.stderr.read()[-3000:]
+    groups = {(run / "group_id").read_text().strip() for run in runs}
+    assert len(groups) == 2
+    for run in runs:
+        tokens, offsets = _final_offsets(run, kafka.topic)
+        assert tokens == 6144 and (run / "checkpoints" / "latest").exists()
+        # each run saw every partition and trained its prefix of the whole stream, not a share of it
+        assert check_offsets_exact(messages, offsets, trace_counts(run / "trace.jsonl"), kafka.topic) > 40
+        assert {p for _, p, _ in trace_counts(run / "trace.jsonl")} == {0, 1, 2, 3}

@@ -79,6 +79,7 @@ class Collective:
             # host-side control values travel on gloo even when the gradients go over NCCL: no device sync for them
             self._control = tdist.new_group(backend="gloo") if backend == "nccl" else tdist.group.WORLD
         self.device = device
+        self.bytes_reduced = 0  # by the last reduce_step (bench/bench_distributed.py)
 
     def _failing(self, what: str):
         return _Failing(f"rank {self.rank} of {self.world_size}: {what} with the other ranks failed (a rank died, or "
@@ -152,6 +153,7 @@ class Collective:
         with self._failing("the gradient all-reduce"):
             tdist.all_reduce(flat)
             tdist.all_reduce(stats)
+        self.bytes_reduced = flat.numel() * flat.element_size() + stats.numel() * stats.element_size()
         at = 0
         for p in params:
             p.grad = flat[at : at + p.numel()].view_as(p).div_(total).to(p.dtype)
@@ -165,13 +167,6 @@ class Collective:
             b.copy_(stats[at : at + b.numel()].view_as(b) > 0)
             at += b.numel()
         return fires, stats[: row.numel()]
-
-    @staticmethod
-    def bytes_per_step(sae: torch.nn.Module, row_len: int) -> int:
-        """What ``reduce_step`` all-reduces for one SAE: float32 gradients and fire counts, float64 statistics."""
-        n_params = sum(p.numel() for p in sae.parameters())
-        n_buf = sum(b.numel() for b in sae.buffers())
-        return 4 * (n_params + sae.d_sae) + 8 * (row_len + n_buf)
 
 
 class _Failing:
