@@ -139,7 +139,8 @@ def cmd_train(args) -> int:
 
             return launch(args.world_size, args.argv, cfg.trainer.collective_timeout_seconds)
     elif args.world_size is not None and args.world_size != world_size:
-        raise ConfigError(f"--world-size {args.world_size}, but the environment (torchrun) says WORLD_SIZE={world_size}")
+        raise ConfigError(f"--world-size {args.world_size}, but the environment (torchrun) says "
+                          f"WORLD_SIZE={world_size}")
     from streamd.train.trainer import Trainer
 
     trainer = Trainer(cfg, activation_file=args.source, loop_file=args.loop,

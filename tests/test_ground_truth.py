@@ -97,8 +97,9 @@ def test_data_parallel_ranks_reach_the_same_recovery_bar(broker, tmp_path):
         density_window_tokens=100_000, max_tokens=TRAIN_TOKENS, every_tokens=None, collective_timeout_seconds=60,
     )
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "streamd", "train", "--config", str(write_config(cfg, tmp_path / "c.yaml")),
-                           "--world-size", str(ranks)], capture_output=True, text=True, timeout=600)
+    cfg_path = write_config(cfg, tmp_path / "c.yaml")
+    done = subprocess.run([sys.executable, "-m", "streamd", "train", "--config", str(cfg_path), "--world-size",
+                           str(ranks)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     got = recovery(truth.directions, load_sae(run, sae="topk").W_dec)
     print(f"\n{ranks} ranks x batch {BATCH // ranks}: recovery@0.9 {got:.3f} in {time.monotonic() - t0:.1f}s")

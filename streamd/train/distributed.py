@@ -41,7 +41,8 @@ def check_parallel(cfg: StreamdConfig, world_size: int, activation_file: object 
         return
     if activation_file is not None:
         raise ConfigError(f"--source {activation_file}: a cached file is trained by one process (every rank would "
-                          "read all of it); drop --world-size, or publish it with `streamd replay` and train from Kafka")
+                          "read all of it); drop --world-size, or publish it with `streamd replay` and train from "
+                          "Kafka")
     if cfg.kafka.generation_seconds:
         raise ConfigError(f"world size {world_size} with kafka.generation_seconds = {cfg.kafka.generation_seconds:g} "
                           "(topic generations, the default of `streamd up`): generations are followed and deleted by "

@@ -6,6 +6,10 @@ offsets), ``checkpointer.Checkpointer`` (a durable checkpoint, then offsets comm
 releases what is trained), ``Cadence`` (when to evaluate, record and checkpoint) and ``TraceFile`` (which tokens each
 step trained). Offsets are committed only after a checkpoint is durable, and a checkpoint names per partition the
 offset from which every untrained token can be read again, so a SIGKILL loses no token.
+
+Data-parallel (RANK / WORLD_SIZE in the environment: ``streamd train --world-size N`` or torchrun), N processes are
+one run: rank 0 holds the run directory, its lock, the server and the checkpoints; every rank reads its partitions
+and the ranks step together (``_run_parallel``; the collectives are in ``distributed``).
 """
 
 from __future__ import annotations
@@ -223,7 +227,8 @@ class Trainer:
         rank0 = self.rank == 0
         self.store = CheckpointStore(self.tcfg.run_dir, cfg.checkpoints.keep_last) if rank0 else None
         self.metrics = TrainerMetrics([s.name for s in self.tcfg.saes], wire.REJECT_REASONS, version=__version__)
-        self.history = MetricsHistory(self.tcfg.run_dir / "metrics.jsonl", self.tcfg.history_max_bytes) if rank0 else None
+        self.history = (MetricsHistory(self.tcfg.run_dir / "metrics.jsonl", self.tcfg.history_max_bytes)
+                        if rank0 else None)
         self.metrics.buffer_tokens.set(0)
         self.learners: dict[str, Learner] = {}
         self._last_stats: dict[str, StepStats] = {}  # the last step's, read at the progress cadence
@@ -426,7 +431,8 @@ class Trainer:
         h = hashlib.sha256()
         for name, learner in self.learners.items():
             for key, v in learner.sae.state_dict().items():
-                h.update(name.encode() + key.encode() + v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+                raw = v.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
+                h.update(name.encode() + key.encode() + raw.numpy().tobytes())
         return {"params": h.hexdigest()}
 
     def evaluate(self) -> dict[str, dict[str, float]]:
