@@ -14,11 +14,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
-from streamd.config import SAEConfig
+from streamd.config import SAEConfig, TrainerConfig
 from streamd.run.checkpoints import CheckpointStore
 from streamd.stream.kafka import group_offsets
+from streamd.train.distributed import Collective
 from streamd.train.launch import free_port
+from streamd.train.learner import Learner
 from tests.streamd_testing import check_offsets_exact, publish, random_acts, topic_messages, trace_counts, \
     trainer_config, write_config
 
@@ -55,6 +58,56 @@ def _final_offsets(run: Path, topic: str) -> tuple[int, dict[int, int]]:
     store = CheckpointStore(run, 2, writer=False)
     latest = store.latest()
     return json.loads((latest / "manifest.json").read_text())["tokens"], store.read_offsets(latest)[topic]
+
+
+def _learners(collective: Collective | None) -> list[Learner]:
+    tcfg = TrainerConfig(batch_size=128, buffer_tokens=1024, warmup_tokens=0, dead_window_tokens=200, device="cpu")
+    # not BatchTopK: it keeps the top k x B of each rank's batch, not of the union (README, data-parallel)
+    out = [Learner(s, 16, tcfg, "cpu", collective) for s in SAES if s.architecture != "batchtopk"]
+    for learner in out:
+        learner.b_dec_initialized = True  # a per-rank geometric median is not the union's: compared apart
+    return out
+
+
+def _batches() -> list[torch.Tensor]:
+    return [random_acts(128, 16, seed=10 + i) * 2 for i in range(4)]
+
+
+def _rank_steps(rank: int, port: int, out: Path) -> None:
+    """One rank of two: 96 and 32 tokens of each batch (unequal, so the token weighting shows); at step 1 rank 1
+    brings nothing (a zero-weight step)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    coll = Collective(torch.device("cpu"), TIMEOUT_S)
+    learners = _learners(coll)
+    for step, x in enumerate(_batches()):
+        part = (x, x[:0])[rank] if step == 1 else (x[:96], x[96:])[rank]
+        for learner in learners:
+            learner.step(part, len(x))
+    if rank == 0:
+        torch.save([lr.state_dict() for lr in learners], out)
+    coll.close()
+
+
+def test_two_ranks_step_as_one_process_on_the_union_of_their_batches(tmp_path):
+    """The token-weighted all-reduce is the gradient of the mean loss over both ranks' tokens: two ranks with
+    unequal shares (and a zero-weight step) end where one process stepping on the whole batches does, and their
+    counters (fires, dead latents, tokens, statistics windows) are the same."""
+    torch.multiprocessing.spawn(_rank_steps, args=(free_port(), tmp_path / "dp.pt"), nprocs=2)
+    parallel = torch.load(tmp_path / "dp.pt")
+    single = _learners(None)
+    for x in _batches():
+        for learner in single:
+            learner.step(x)
+    for got, learner in zip(parallel, single):
+        want = learner.state_dict()
+        assert got["tokens_seen"] == want["tokens_seen"] == 512 and got["steps"] == 4
+        for key in ("since_fired", "window_fires"):
+            assert torch.equal(got[key], want[key]), (learner.cfg.name, key)
+        for key, v in want["sae"].items():
+            assert torch.allclose(got["sae"][key].double(), v.double(), rtol=1e-4, atol=1e-6), (
+                learner.cfg.name, key)
+        assert torch.allclose(got["stats_window"]["ring"], want["stats_window"]["ring"], rtol=1e-5)
 
 
 def _kafka(broker, partitions: int):

@@ -219,7 +219,7 @@ def test_float16_overflow_is_caught_at_the_producer(kafka_cfg, tiny_llama_dir, t
 def _publish_recorder(prod: ActivationProducer) -> list[torch.Tensor]:
     """Replace the producer's send with a list of the rows it would publish (the broker is only asked for topics)."""
     sent: list[torch.Tensor] = []
-    prod._publish = lambda pub, key, topic, sid, rows, ids, prov: sent.append(rows.float())  # type: ignore[method-assign]
+    prod._publish = lambda pub, topic, sid, rows, ids, prov: sent.append(rows.float())  # type: ignore[method-assign]
     return sent
 
 
