@@ -246,3 +246,30 @@ def test_a_sweep_in_two_runs_each_reads_the_whole_stream(broker, tmp_path):
         # each run saw every partition and trained its prefix of the whole stream, not a share of it
         assert check_offsets_exact(messages, offsets, trace_counts(run / "trace.jsonl"), kafka.topic) > 40
         assert {p for _, p, _ in trace_counts(run / "trace.jsonl")} == {0, 1, 2, 3}
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_with_a_final_checkpoint(broker, tmp_path):
+    """``--world-size`` passes SIGTERM on; the ranks agree to stop at the same step and write one final checkpoint
+    of everything trained."""
+    kafka = _kafka(broker, 2)
+    publish(kafka, random_acts(6000, 16, seed=4), tokens_per_msg=50, partitions=2)
+    run = tmp_path / "run"
+    cfg = trainer_config(kafka, run, every_tokens=None, trace_file=run / "trace.jsonl",
+                         collective_timeout_seconds=TIMEOUT_S)
+    proc = subprocess.Popen([sys.executable, "-m", "streamd", "train", "--config",
+                             str(write_config(cfg, tmp_path / "c.yaml")), "--world-size", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "trace.jsonl").exists() and _lines(run / "trace.jsonl")[-1:]):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = [_lines(t) for t in _rank_traces(run / "trace.jsonl")]
+    assert len(lines) == 2 and lines[0] == [{**r, "served": r0["served"]} for r, r0 in zip(lines[1], lines[0])]
+    tokens, _ = _final_offsets(run, kafka.topic)
+    assert tokens == lines[0][-1]["tokens"] > 0
