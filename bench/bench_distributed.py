@@ -29,7 +29,7 @@ import torch
 from _common import load_average, machine_line, quiet, table
 from streamd.config import SAEConfig, TrainerConfig
 from streamd.train.distributed import Collective
-from streamd.train.launch import free_port
+from streamd.train.launch import rank_env
 from streamd.train.learner import Learner
 
 ROWS = {  # name: (d_in, width, k, batch per rank)
@@ -82,11 +82,8 @@ def worker(row: str, steps: int, out: Path) -> None:
 def measure(row: str, ranks: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        port = free_port()
         cmd = [sys.executable, __file__, "--worker", row, "--steps", str(steps), "--out", str(out)]
-        procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(ranks),
-                                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-                 for r in range(ranks)]
+        procs = [subprocess.Popen(cmd, env=rank_env(r, ranks, Path(tmp) / "rendezvous")) for r in range(ranks)]
         for p in procs:
             if p.wait(timeout=1800) != 0:
                 raise RuntimeError(f"rank exited with {p.returncode}")

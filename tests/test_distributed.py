@@ -1,5 +1,5 @@
 """Data-parallel training against a real local broker: ranks are processes (gloo on the CPU), started by
-``streamd train --world-size N`` or, like torchrun would, with RANK / WORLD_SIZE / MASTER_ADDR in the environment."""
+``streamd train --world-size N`` or by hand with RANK / WORLD_SIZE and the rendezvous file in the environment."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from streamd.config import SAEConfig, TrainerConfig
 from streamd.run.checkpoints import CheckpointStore
 from streamd.stream.kafka import group_offsets
 from streamd.train.distributed import Collective
-from streamd.train.launch import free_port
+from streamd.train.launch import rank_env
 from streamd.train.learner import Learner
 from tests.streamd_testing import check_offsets_exact, publish, random_acts, topic_messages, trace_counts, \
     trainer_config, write_config
@@ -73,10 +73,10 @@ def _batches() -> list[torch.Tensor]:
     return [random_acts(128, 16, seed=10 + i) * 2 for i in range(4)]
 
 
-def _rank_steps(rank: int, port: int, out: Path) -> None:
+def _rank_steps(rank: int, rendezvous: Path, out: Path) -> None:
     """One rank of two: 96 and 32 tokens of each batch (unequal, so the token weighting shows); at step 1 rank 1
     brings nothing (a zero-weight step)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(rank_env(rank, 2, rendezvous))
     torch.set_num_threads(1)
     coll = Collective(torch.device("cpu"), TIMEOUT_S)
     learners = _learners(coll)
@@ -93,7 +93,7 @@ def test_two_ranks_step_as_one_process_on_the_union_of_their_batches(tmp_path):
     """The token-weighted all-reduce is the gradient of the mean loss over both ranks' tokens: two ranks with
     unequal shares (and a zero-weight step) end where one process stepping on the whole batches does, and their
     counters (fires, dead latents, tokens, statistics windows) are the same."""
-    torch.multiprocessing.spawn(_rank_steps, args=(free_port(), tmp_path / "dp.pt"), nprocs=2)
+    torch.multiprocessing.spawn(_rank_steps, args=(tmp_path / "rendezvous", tmp_path / "dp.pt"), nprocs=2)
     parallel = torch.load(tmp_path / "dp.pt")
     single = _learners(None)
     for x in _batches():
@@ -149,7 +149,8 @@ def test_ranks_train_one_sae_with_equal_weights_and_every_token_once(broker, tmp
 
 
 def test_sigkill_of_a_rank_stops_the_other_and_restarts_lose_nothing(broker, tmp_path):
-    """Ranks started as torchrun would. SIGKILL rank 1: rank 0 stops with a clear error within the collective
+    """Ranks started by hand (RANK / WORLD_SIZE, as torchrun or --world-size do). SIGKILL rank 1: rank 0 stops with
+    a clear error within the collective
     timeout, its last checkpoint on disk; a restart with 1 rank and then with 2 leaves nothing below the final
     offsets untrained, and trains nothing twice that a checkpoint had covered."""
     kafka = _kafka(broker, 4)
@@ -163,12 +164,9 @@ def test_sigkill_of_a_rank_stops_the_other_and_restarts_lose_nothing(broker, tmp
         return write_config(cfg, tmp_path / f"{name}.yaml")
 
     cfg1 = config("run1", every_tokens=2048)
-    port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "streamd", "train", "--config", str(cfg1)], stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(port)}) for r in range(2)]
+        stderr=subprocess.PIPE, text=True, env=rank_env(r, 2, tmp_path / "rendezvous")) for r in range(2)]
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -54,6 +54,9 @@ class CollectiveError(RuntimeError):
     """A collective with the other ranks failed: one died, or none answered within the timeout."""
 
 
+RENDEZVOUS_ENV = "STREAMD_RENDEZVOUS_FILE"  # set by ``streamd train --world-size``: a file store, no TCP server
+
+
 def world_from_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun and ``streamd train --world-size`` set them; (0, 1, 0) alone."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
@@ -66,7 +69,9 @@ def partition_share(partition: int, rank: int, world_size: int) -> bool:
 
 
 class Collective:
-    """The process group of a data-parallel run (``init_method=env://``: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    """The process group of a data-parallel run: RANK and WORLD_SIZE from the environment, the rendezvous through
+    the file ``$STREAMD_RENDEZVOUS_FILE`` (local ranks: torch's TCP store would listen on every interface) or
+    torchrun's MASTER_ADDR / MASTER_PORT (``env://``)."""
 
     def __init__(self, device: torch.device, timeout_s: float) -> None:
         self.rank, self.world_size, _ = world_from_env()
@@ -74,8 +79,10 @@ class Collective:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        rendezvous = os.environ.get(RENDEZVOUS_ENV)
         with self._failing("joining the process group"):
-            tdist.init_process_group(backend, init_method="env://", rank=self.rank, world_size=self.world_size,
+            tdist.init_process_group(backend, init_method=f"file://{rendezvous}" if rendezvous else "env://",
+                                     rank=self.rank, world_size=self.world_size,
                                      timeout=datetime.timedelta(seconds=timeout_s))
             # host-side control values travel on gloo even when the gradients go over NCCL: no device sync for them
             self._control = tdist.new_group(backend="gloo") if backend == "nccl" else tdist.group.WORLD

@@ -1,7 +1,9 @@
 """``streamd train --world-size N``: N local ranks of one data-parallel run, the way torchrun would start them.
 
-Each rank is ``python -m streamd train`` with the same arguments and RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
-(127.0.0.1) / MASTER_PORT (a free port) in its environment; ``streamd.train.distributed`` does the rest. SIGINT and
+Each rank is ``python -m streamd train`` with the same arguments and RANK / WORLD_SIZE / LOCAL_RANK in its
+environment, meeting the others through a file store in a fresh temporary directory (torch's TCP store would listen
+on every interface) and with gloo on the loopback interface (``GLOO_SOCKET_IFNAME=lo`` unless set): nothing listens
+beyond 127.0.0.1. ``streamd.train.distributed`` does the rest. SIGINT and
 SIGTERM are passed on to every rank (they agree to stop at the next step and write a final checkpoint). When a rank
 fails, the others stop on their own within ``trainer.collective_timeout_seconds``; one still running after that
 and a grace is killed. Returns the first failing rank's exit status (0 when all succeeded).
@@ -11,32 +13,41 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+from streamd.train.distributed import RENDEZVOUS_ENV
 
 log = logging.getLogger(__name__)
 
 GRACE_S = 30.0  # beyond the collective timeout, for a final checkpoint and the consumer's close
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rank_env(rank: int, world_size: int, rendezvous: Path) -> dict[str, str]:
+    """The environment of local rank ``rank`` (this process's, plus what ``distributed.Collective`` reads)."""
+    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size), RENDEZVOUS_ENV: str(rendezvous),
+            "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
 
 
 def launch(world_size: int, argv: list[str], collective_timeout_s: float) -> int:
-    """Run ``streamd <argv>`` as ``world_size`` ranks; ``argv`` must not hold ``--world-size`` itself."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "streamd", *argv], env=env))
-    log.info("started %d ranks (pids %s), rendezvous on 127.0.0.1:%d", world_size, [p.pid for p in procs], port)
+    """Run ``streamd <argv>`` as ``world_size`` ranks (``argv`` with its ``--world-size``: a rank sees RANK set)."""
+    tmp = Path(tempfile.mkdtemp(prefix="streamd-ranks-"))
+    try:
+        return _supervise([subprocess.Popen([sys.executable, "-m", "streamd", *argv],
+                                            env=rank_env(rank, world_size, tmp / "rendezvous"))
+                           for rank in range(world_size)], collective_timeout_s)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _supervise(procs: list[subprocess.Popen], collective_timeout_s: float) -> int:
+    log.info("started %d ranks (pids %s)", len(procs), [p.pid for p in procs])
 
     def forward(sig, _frame) -> None:
         for p in procs:
