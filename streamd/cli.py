@@ -58,6 +58,13 @@ def _config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) ->
     return load_config(args.config, overrides, args.set, defaults=defaults)
 
 
+def _world_size(text: str) -> int:
+    n = int(text) if text.isdigit() else 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of ranks (1 or more)")
+    return n
+
+
 def _on_signals(stop) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop())
@@ -264,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, TRAIN_FLAGS)
     p.add_argument("--source", type=Path, help="train from a .npy/.safetensors file instead of Kafka")
     p.add_argument("--loop", action="store_true", help="with --source: loop over the file")
-    p.add_argument("--world-size", type=int, choices=range(1, 1025), metavar="N",
+    p.add_argument("--world-size", type=_world_size, metavar="N",
                    help="data-parallel: N local ranks (processes) train one set of SAEs (also works under torchrun)")
     p.set_defaults(func=cmd_train)
 

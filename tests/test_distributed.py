@@ -217,6 +217,8 @@ def test_data_parallel_refuses_generations_and_files(tmp_path, kafka_cfg):
     done = _train(write_config(cfg, tmp_path / "c.yaml"), "--world-size", "2", "--source", str(tmp_path / "a.npy"),
                   timeout=60)
     assert done.returncode == 2 and "a cached file is trained by one process" in done.stderr
+    done = _train(tmp_path / "c.yaml", "--world-size", "0", timeout=60)
+    assert done.returncode == 2 and "'0' is not a number of ranks" in done.stderr
 
 
 def test_a_sweep_in_two_runs_each_reads_the_whole_stream(broker, tmp_path):
