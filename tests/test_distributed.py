@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -250,7 +251,7 @@ def test_a_sweep_in_two_runs_each_reads_the_whole_stream(broker, tmp_path):
 
 def test_sigterm_to_the_launcher_stops_every_rank_with_a_final_checkpoint(broker, tmp_path):
     """``--world-size`` passes SIGTERM on; the ranks agree to stop at the same step and write one final checkpoint
-    of everything trained."""
+    of everything trained. Rank 0 serves the run's metrics, with its world size."""
     kafka = _kafka(broker, 2)
     publish(kafka, random_acts(6000, 16, seed=4), tokens_per_msg=50, partitions=2)
     run = tmp_path / "run"
@@ -258,8 +259,10 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_final_checkpoint(broker
                          collective_timeout_seconds=TIMEOUT_S)
     proc = subprocess.Popen([sys.executable, "-m", "streamd", "train", "--config",
                              str(write_config(cfg, tmp_path / "c.yaml")), "--world-size", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        url = proc.stdout.readline().split()[1]  # "metrics: URL  checkpoints: DIR", from rank 0 only
+        assert 'streamd_world_size 2.0' in urllib.request.urlopen(url, timeout=10).read().decode()
         deadline = time.monotonic() + 120
         while not ((run / "trace.jsonl").exists() and _lines(run / "trace.jsonl")[-1:]):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]

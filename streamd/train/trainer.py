@@ -230,6 +230,7 @@ class Trainer:
         self.history = (MetricsHistory(self.tcfg.run_dir / "metrics.jsonl", self.tcfg.history_max_bytes)
                         if rank0 else None)
         self.metrics.buffer_tokens.set(0)
+        self.metrics.world_size.set(self.collective.world_size if self.collective else 1)
         self.learners: dict[str, Learner] = {}
         self._last_stats: dict[str, StepStats] = {}  # the last step's, read at the progress cadence
         self._last_eval: dict[str, dict[str, float]] = {}  # the last evaluation's, beside them
