@@ -251,12 +251,14 @@ def test_a_sweep_in_two_runs_each_reads_the_whole_stream(broker, tmp_path):
 
 def test_sigterm_to_the_launcher_stops_every_rank_with_a_final_checkpoint(broker, tmp_path):
     """``--world-size`` passes SIGTERM on; the ranks agree to stop at the same step and write one final checkpoint
-    of everything trained. Rank 0 serves the run's metrics, with its world size."""
+    of everything trained. Time-based checkpoints (each rank's clock says when) are agreed on, not deadlocked.
+    Rank 0 serves the run's metrics, with its world size."""
     kafka = _kafka(broker, 2)
     publish(kafka, random_acts(6000, 16, seed=4), tokens_per_msg=50, partitions=2)
     run = tmp_path / "run"
     cfg = trainer_config(kafka, run, every_tokens=None, trace_file=run / "trace.jsonl",
                          collective_timeout_seconds=TIMEOUT_S)
+    cfg.checkpoints.every_seconds = 0.3
     proc = subprocess.Popen([sys.executable, "-m", "streamd", "train", "--config",
                              str(write_config(cfg, tmp_path / "c.yaml")), "--world-size", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -264,7 +266,8 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_final_checkpoint(broker
         url = proc.stdout.readline().split()[1]  # "metrics: URL  checkpoints: DIR", from rank 0 only
         assert 'streamd_world_size 2.0' in urllib.request.urlopen(url, timeout=10).read().decode()
         deadline = time.monotonic() + 120
-        while not ((run / "trace.jsonl").exists() and _lines(run / "trace.jsonl")[-1:]):
+        while not ((run / "trace.jsonl").exists() and _lines(run / "trace.jsonl")[-1:]
+                   and (run / "checkpoints" / "latest").exists()):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
@@ -276,3 +279,5 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_final_checkpoint(broker
     assert len(lines) == 2 and lines[0] == [{**r, "served": r0["served"]} for r, r0 in zip(lines[1], lines[0])]
     tokens, _ = _final_offsets(run, kafka.topic)
     assert tokens == lines[0][-1]["tokens"] > 0
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert int(latest[:6]) >= 2  # a time-based checkpoint before the final one
