@@ -147,8 +147,10 @@ class Collective:
         """Between backward and clipping: every parameter's gradient becomes the token-weighted mean of the ranks'
         (a zero-weight rank adds nothing), float buffers (BatchTopK's threshold) the same mean, bool buffers their
         OR over the ranks with tokens; returns the global fire counts and statistics row."""
-        params = list(sae.parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        # a parameter without a gradient has none on every rank (the same code on global masks): Adam skips it, as
+        # in one process
+        params = [p for p in sae.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
         floats = [b for b in sae.buffers() if b.is_floating_point()]
         flags = [b for b in sae.buffers() if b.dtype == torch.bool]
         if n:
