@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -55,6 +56,13 @@ def _add_config_args(p: argparse.ArgumentParser, *flag_sets: dict) -> None:
 def _config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> StreamdConfig:
     overrides = {k: v for k, v in vars(args).items() if "." in k or k == "producer_count"}
     return load_config(args.config, overrides, args.set, defaults=defaults)
+
+
+def _world_size(text: str) -> int:
+    n = int(text) if text.isdigit() else 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of ranks (1 or more)")
+    return n
 
 
 def _on_signals(stop) -> None:
@@ -127,13 +135,27 @@ def _producer_server(cfg: StreamdConfig, prod):
 
 
 def cmd_train(args) -> int:
-    from streamd.train.trainer import Trainer
+    from streamd.train.distributed import check_parallel, world_from_env
 
     cfg = _config(args)
+    _, world_size, _ = world_from_env()
+    if args.world_size is not None and "RANK" not in os.environ:  # the launcher; torchrun sets RANK itself
+        check_parallel(cfg, args.world_size, args.source)  # refused once, before any rank starts
+        if args.world_size > 1:
+            from streamd.train.launch import launch
+
+            return launch(args.world_size, args.argv, cfg.trainer.collective_timeout_seconds)
+    elif args.world_size is not None and args.world_size != world_size:
+        raise ConfigError(f"--world-size {args.world_size}, but the environment (torchrun) says "
+                          f"WORLD_SIZE={world_size}")
+    from streamd.train.trainer import Trainer
+
     trainer = Trainer(cfg, activation_file=args.source, loop_file=args.loop,
                       on_progress=lambda p: print(p.line(), flush=True))
     _on_signals(trainer.stop)
-    print(f"metrics: {trainer.server.url}/metrics  checkpoints: {cfg.trainer.run_dir / 'checkpoints'}", flush=True)
+    if trainer.server:
+        print(f"metrics: {trainer.server.url}/metrics  checkpoints: {cfg.trainer.run_dir / 'checkpoints'}",
+              flush=True)
     trainer.run()
     return 0
 
@@ -249,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, TRAIN_FLAGS)
     p.add_argument("--source", type=Path, help="train from a .npy/.safetensors file instead of Kafka")
     p.add_argument("--loop", action="store_true", help="with --source: loop over the file")
+    p.add_argument("--world-size", type=_world_size, metavar="N",
+                   help="data-parallel: N local ranks (processes) train one set of SAEs (also works under torchrun)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("up", help="broker + producer + trainer on this machine (the embedded default)")
@@ -294,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher hands its ranks
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
     try:

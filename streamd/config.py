@@ -394,6 +394,9 @@ class TrainerConfig(Strict):
     torch_threads: int | None = Field(None, ge=1)
     history_max_bytes: int = Field(50_000_000, ge=10_000)
     trace_file: Path | None = Field(None, description="debug: append the origin of every trained token (JSONL)")
+    collective_timeout_seconds: float = Field(
+        120.0, gt=0, description="data-parallel: a collective the other ranks do not join within this long (a "
+        "rank died or hangs) stops every rank with an error; the last good checkpoint stays on disk")
 
     @model_validator(mode="after")
     def _names_unique(self) -> TrainerConfig:

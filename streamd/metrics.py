@@ -188,6 +188,9 @@ class TrainerMetrics:
                                      namespace=ns, registry=reg)
         self.consumer_group = Gauge("consumer_group", "Always 1; the group label is this run's consumer group.",
                                     ["group"], namespace=ns, registry=reg)
+        self.world_size = Gauge("world_size", "Data-parallel ranks of this run (served by rank 0; ingestion metrics "
+                                "are its partitions only).", namespace=ns, registry=reg)
+        self.world_size.set(1)
         self.outlier_tokens = Counter(
             "outlier_tokens", "Tokens dropped before the held-out set and the shuffle buffer, by reason: norm (above "
             "trainer.outlier_factor x the running median norm). Counted as trained for resume.", ["reason"],

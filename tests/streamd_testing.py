@@ -35,9 +35,10 @@ def write_config(cfg: StreamdConfig, path: Path) -> Path:
 
 
 def publish(kafka: KafkaConfig, acts: torch.Tensor, *, producer_id: str = "p", tokens_per_msg: int = 64,
-            site_id: int = SITE_ID, topic: str | None = None, extra: list[bytes] = ()) -> dict[tuple[str, int], int]:
+            site_id: int = SITE_ID, topic: str | None = None, extra: list[bytes] = (),
+            partitions: int | None = None) -> dict[tuple[str, int], int]:
     """Publish ``acts`` in messages of ``tokens_per_msg`` rows (plus raw ``extra`` payloads, e.g. poison), spread
-    over partitions by key; returns {(producer_id, seq): n_tokens}."""
+    over partitions by key, or with ``partitions`` round-robin over that many; returns {(producer_id, seq): n_tokens}."""
     topic = topic or kafka.topic
     ensure_topic(kafka, topic, kafka.partitions)
     prod = make_producer(kafka, max_request_size=2**20)
@@ -45,7 +46,8 @@ def publish(kafka: KafkaConfig, acts: torch.Tensor, *, producer_id: str = "p", t
     for seq, lo in enumerate(range(0, len(acts), tokens_per_msg)):
         rows = acts[lo : lo + tokens_per_msg].to(torch.float16)
         msg = wire.ActivationMessage(producer_id, seq, site_id, rows)
-        futs.append(prod.send(topic, value=wire.encode(msg), key=f"{producer_id}-{seq % 7}".encode()))
+        futs.append(prod.send(topic, value=wire.encode(msg), key=f"{producer_id}-{seq % 7}".encode(),
+                              partition=None if partitions is None else seq % partitions))
         sent[(producer_id, seq)] = len(rows)
     futs += [prod.send(topic, value=blob, key=b"poison") for blob in extra]
     for f in futs:

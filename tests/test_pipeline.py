@@ -73,6 +73,7 @@ def test_two_producer_processes_deliver_every_message_once(kafka_cfg, tiny_llama
                                 d_in=64, queue_tokens=1 << 20)
     src.start()
     received: list[tuple[str, int]] = []
+    partitions: dict[str, set[int]] = {}
     tokens, deadline = 0, time.monotonic() + 60
     want = sum(t for t, _ in sent.values())
     while tokens < want and time.monotonic() < deadline:
@@ -80,6 +81,7 @@ def test_two_producer_processes_deliver_every_message_once(kafka_cfg, tiny_llama
         if chunk is not None:
             assert chunk.acts.shape[1] == 64
             received.append((chunk.producer_id, chunk.seq))
+            partitions.setdefault(chunk.producer_id, set()).add(chunk.key[1])
             tokens += len(chunk.acts)
     time.sleep(1)  # anything extra (a duplicate) would arrive now
     while (chunk := src.get(timeout=0.2)) is not None:
@@ -90,6 +92,8 @@ def test_two_producer_processes_deliver_every_message_once(kafka_cfg, tiny_llama
     assert len(received) == len(set(received)), "duplicate messages"
     assert set(received) == expected_ids
     assert tokens == 2 * expected_per_producer
+    # one producer's messages spread over every partition (data-parallel ranks each read a share of them)
+    assert partitions == {"prod-a": {0, 1, 2, 3}, "prod-b": {0, 1, 2, 3}}, (partitions, sent)
     assert sum(metrics.messages_rejected.labels(reason=r)._value.get() for r in wire.REJECT_REASONS) == 0
 
 
@@ -215,7 +219,7 @@ def test_float16_overflow_is_caught_at_the_producer(kafka_cfg, tiny_llama_dir, t
 def _publish_recorder(prod: ActivationProducer) -> list[torch.Tensor]:
     """Replace the producer's send with a list of the rows it would publish (the broker is only asked for topics)."""
     sent: list[torch.Tensor] = []
-    prod._publish = lambda pub, key, topic, sid, rows, ids, prov: sent.append(rows.float())  # type: ignore[method-assign]
+    prod._publish = lambda pub, topic, sid, rows, ids, prov: sent.append(rows.float())  # type: ignore[method-assign]
     return sent
 
 

@@ -260,7 +260,6 @@ class ActivationProducer:
         pub = Publisher(self.cfg.kafka, [], self.metrics, p.queue_max_messages,
                         max_request_size=p.max_message_bytes + 4096, partitions=self.cfg.kafka.partitions,
                         stop=self.stop_event, retention=self.retention)
-        key = p.producer_id.encode()
         self.tracker, self._metas, self._next_ord, self._source_done = CommitTracker(), {}, 0, False
         reader = None
         try:
@@ -271,7 +270,7 @@ class ActivationProducer:
                     windows = pack_documents(self.loaded.tokenizer, self._documents(reader), p.context_length,
                                              p.skip_positions)
                     try:
-                        self._run_windows(pub, capture, key, windows, base)
+                        self._run_windows(pub, capture, windows, base)
                     except Rebalanced:  # partial windows dropped uncommitted: the partitions' next owner re-reads
                         self._metas.clear()
                         continue
@@ -287,8 +286,7 @@ class ActivationProducer:
             raise RuntimeError(f"publishing failed and cannot succeed on retry: {pub.fatal}") from pub.fatal
         return self.tokens
 
-    def _run_windows(self, pub: Publisher, capture: ActivationCapture, key: bytes, windows: Iterator,
-                     base: int) -> None:
+    def _run_windows(self, pub: Publisher, capture: ActivationCapture, windows: Iterator, base: int) -> None:
         p = self.pcfg
         for batch in _batches(windows, p.batch_size):
             if self.stop_event.is_set() or not self._wait_for_trainer():
@@ -309,7 +307,7 @@ class ActivationProducer:
                 rows = a.detach()[keep_dev].to(self.wire_dtype).cpu()
                 rows, ids, site_prov = self._finite_rows(rows, flat_ids, prov)  # before the policy: overflow named
                 rows, ids, site_prov = self._policy((site, layer), rows, ids, site_prov, skipped)
-                self._publish(pub, key, topics[(site, layer)], self.site_ids[(site, layer)], rows, ids, site_prov)
+                self._publish(pub, topics[(site, layer)], self.site_ids[(site, layer)], rows, ids, site_prov)
             self.tracker.built(base + batch[-1].complete_through)
             for o in [o for o in self._metas if o <= base + batch[-1].complete_through]:
                 del self._metas[o]  # placed in messages already: their provenance travels there
@@ -404,8 +402,11 @@ class ActivationProducer:
                           "(streamd_tokens_dropped_total{reason=\"non_finite\"}; logged once)", n)
         return rows[ok], token_ids[ok], (prov[0][ok], prov[1][ok])
 
-    def _publish(self, pub: Publisher, key: bytes, topic: str, sid: int, rows: torch.Tensor,
+    def _publish(self, pub: Publisher, topic: str, sid: int, rows: torch.Tensor,
                  token_ids: torch.Tensor, prov: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Keyed by producer id and seq, so one producer's messages spread over every partition (data-parallel
+        ranks each read a share of the partitions; the trainer assumes no order across them: offsets are per
+        partition and a producer's seq is only a progress metric, its highest seen)."""
         p = self.pcfg
         ords, poss = prov
         if not len(rows):
@@ -420,6 +421,7 @@ class ActivationProducer:
             span_list = spans(ords[lo : lo + step], poss[lo : lo + step], self._metas)
             in_msg = set(ords[lo : lo + step].tolist())
             self.tracker.sent(in_msg)
+            key = f"{p.producer_id}-{self.seq}".encode()
             if not pub.publish(topic, key, wire.encode(msg), len(msg.acts),
                                headers=[(PROV_HEADER, encode_provenance(span_list))],
                                on_ack=lambda o=in_msg: self.tracker.acked(o)):

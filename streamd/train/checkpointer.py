@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,17 +81,32 @@ def read_resume(store: CheckpointStore, metrics: TrainerMetrics | None = None) -
     return Resume()
 
 
+Offsets = dict[SourceKey, int]
+Gather = Callable[[Offsets, Offsets], tuple[Offsets, Offsets] | None]  # (resume offsets, positions) -> merged on rank 0
+
+
 class Checkpointer:
-    def __init__(self, cfg: StreamdConfig, store: CheckpointStore, metrics: TrainerMetrics, retention: Retention,
-                 site_id: int | None) -> None:
+    """Data-parallel, ``gather`` collects every rank's resume offsets on rank 0 (``Collective.gather_offsets``):
+    rank 0 writes the checkpoint and commits every partition's offset (any member of a group may commit any
+    partition); the other ranks only hand their offsets over."""
+
+    def __init__(self, cfg: StreamdConfig, store: CheckpointStore | None, metrics: TrainerMetrics,
+                 retention: Retention, site_id: int | None, gather: Gather | None = None) -> None:
         self.cfg, self.store, self.metrics, self.retention, self.site_id = cfg, store, metrics, retention, site_id
+        self.gather = gather
 
     def write(self, tokens: int, intake: Intake, learners: dict[str, Learner]) -> Path | None:
-        """Checkpoint now; None when there is nothing to save yet or the write failed (training goes on)."""
+        """Checkpoint now; None when there is nothing to save yet, the write failed (training goes on), or on a
+        rank other than 0."""
         if not learners:
             return None
         t0 = time.monotonic()
         offsets, positions = intake.resume_offsets()
+        if self.gather is not None:
+            merged = self.gather(offsets, positions)
+            if merged is None:
+                return None
+            offsets, positions = merged
         nested: dict[str, dict[int, int]] = {}
         for (topic, part), off in offsets.items():
             nested.setdefault(topic, {})[part] = off

@@ -47,6 +47,7 @@ class Intake:
         self.source, self.tcfg, self.metrics, self.stop = source, tcfg, metrics, stop
         self.make_buffer, self.on_filling = make_buffer, on_filling
         self.scale, self.eval_set = scale, eval_set
+        self.scale_tokens = 0  # how many tokens the scale was estimated from here (0: given, or not yet)
         self.buffer: ShuffleBuffer | None = None
         self.keys: list[SourceKey] = []  # buffer slots store an index into this list
         self._key_ids: dict[SourceKey, int] = {}
@@ -57,15 +58,19 @@ class Intake:
         self.on_waiting: Callable[[float], None] | None = None  # hears the seconds waited, at every empty read
         self.outliers = NormOutliers(tcfg.outlier_factor) if tcfg.outlier_factor is not None else None
 
-    def fill(self) -> bool:
-        """Fill the buffer's free slots; returns False when the source ended or a stop was asked before it filled."""
+    def fill(self, patience: float | None = None) -> bool:
+        """Fill the buffer's free slots; returns False when the source ended or a stop was asked before it filled.
+        With ``patience`` (data-parallel: a rank must not hold up the others' step), it also returns False once
+        the source has had nothing for that many seconds."""
+        deadline = None if patience is None else time.monotonic() + patience
         while self.buffer is None or not self.buffer.full:
             if self.stop.is_set():
                 return False
             chunk = self._pending
             self._pending = None
             if chunk is None:
-                chunk = self.source.get(timeout=0.5)
+                wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
+                chunk = self.source.get(timeout=wait)
                 if chunk is None:
                     if self.source.exhausted or self.stop.is_set():
                         return False
@@ -73,11 +78,12 @@ class Intake:
                         self.waiting_since = self.waiting_since or time.monotonic()
                         if self.on_waiting:
                             self.on_waiting(time.monotonic() - self.waiting_since)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
                     continue
                 self.waiting_since = None
                 chunk = self._drop_outliers(chunk)
-            if self.buffer is None:
-                self.buffer = self.make_buffer(chunk.acts.shape[1])
+            self.ensure_buffer(chunk.acts.shape[1])
             self._pending = self._take(chunk)
             self.metrics.buffer_fill_ratio.set(self.buffer.fill_ratio)
             if self.buffer.served == 0 and self.on_filling and time.monotonic() - self._last_fill_note > FILL_NOTE_S:
@@ -86,6 +92,13 @@ class Intake:
         if self.scale is None:
             self._fix_scale()
         return True
+
+    def ensure_buffer(self, d_in: int) -> ShuffleBuffer:
+        """The buffer, built on first need: the first chunk, or (data-parallel) the first step of a rank that has
+        had no data yet."""
+        if self.buffer is None:
+            self.buffer = self.make_buffer(d_in)
+        return self.buffer
 
     def _drop_outliers(self, chunk: Chunk) -> Chunk:
         """The chunk without its tokens above outlier_factor x the running median norm (same key and offset: the
@@ -133,6 +146,7 @@ class Intake:
         sample = torch.cat(self._norm_sample)
         mean = robust_mean_norm(sample.norm(dim=-1), self.tcfg.outlier_factor)
         self.scale = math.sqrt(sample.shape[1]) / max(mean, 1e-12)
+        self.scale_tokens = len(sample)
         self._norm_sample = []
         log.info("activation scale fixed at %.6g from %d tokens", self.scale, len(sample))
 

@@ -21,6 +21,7 @@ from streamd.config import KafkaConfig
 from streamd.metrics import TrainerMetrics
 from streamd.stream.kafka import make_consumer
 from streamd.stream.retention import Retention, retention_for
+from streamd.train.distributed import partition_share
 from streamd.train.source import Chunk, SourceKey, TokenQueue, staged
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,15 @@ class KafkaActivationSource:
         pin_memory: bool = False,
         torch_threads: int | None = None,
         retention: Retention | None = None,
+        share: tuple[int, int] | None = None,
     ) -> None:
         self.kafka, self.topic, self.group_id, self.metrics = kafka, topic, group_id, metrics
+        self.share = share  # data-parallel (rank, world size): read only this rank's partitions, assigned directly
         self.retention = retention or retention_for(kafka, group_id)
         metrics.consumer_group.labels(group=group_id).set(1)
         self.expected_site_id, self.d_in = expected_site_id, d_in
         self.pin_memory, self.torch_threads = pin_memory, torch_threads
-        self.start_offsets = dict(start_offsets or {})
+        self.start_offsets = {k: v for k, v in (start_offsets or {}).items() if self._mine(k[1])}
         self.reread_below = dict(reread_below or {})
         self.queue = TokenQueue(queue_tokens)
         self._stop = threading.Event()
@@ -112,13 +115,15 @@ class KafkaActivationSource:
         try:
             consumer = make_consumer(self.kafka, group_id=self.group_id)
             try:
-                if not self.retention.rotates:
+                if not (self.retention.rotates or self.share):
                     consumer.subscribe([self.topic], listener=_Rebalance(self, consumer))
                 while not self._stop.is_set():
                     polled: dict = {}
                     try:
                         if self.retention.rotates:
                             consumer = self._follow(consumer)
+                        elif self.share:
+                            self._assign_share(consumer)
                         self._maybe_commit(consumer)
                         self._check_broker(consumer)
                         polled = consumer.poll(timeout_ms=200)
@@ -247,6 +252,25 @@ class KafkaActivationSource:
             self._fresh |= parts - current
             log.info("following generations: %s", sorted(topics))
         return consumer
+
+    def _mine(self, partition: int) -> bool:
+        return self.share is None or partition_share(partition, *self.share)
+
+    def _assign_share(self, consumer) -> None:
+        """Data-parallel: assign this rank's partitions of the topic (checked every few seconds, so partitions
+        added later are read too). No group subscription: a rebalance would move partitions between ranks while
+        their tokens sit in another rank's buffer (read twice); commits still go to the group."""
+        if time.monotonic() - self._follow_at < FOLLOW_CHECK_SECONDS:
+            return
+        known = consumer.partitions_for_topic(self.topic)
+        if known:  # until the metadata names them: again at the next round
+            self._follow_at = time.monotonic()
+        parts = {TopicPartition(self.topic, p) for p in known or () if self._mine(p)}
+        current = consumer.assignment()
+        if parts - current:
+            consumer.assign(sorted(parts | current))
+            self._fresh |= parts - current
+            log.info("rank %d of %d reads partitions %s", *self.share, sorted(tp.partition for tp in parts))
 
     def _drop(self, consumer, topics: set[str]):
         """Stop reading released topics, then let the strategy delete them, with a new consumer: kafka-python keeps

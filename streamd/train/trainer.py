@@ -6,12 +6,18 @@ offsets), ``checkpointer.Checkpointer`` (a durable checkpoint, then offsets comm
 releases what is trained), ``Cadence`` (when to evaluate, record and checkpoint) and ``TraceFile`` (which tokens each
 step trained). Offsets are committed only after a checkpoint is durable, and a checkpoint names per partition the
 offset from which every untrained token can be read again, so a SIGKILL loses no token.
+
+Data-parallel (RANK / WORLD_SIZE in the environment: ``streamd train --world-size N`` or torchrun), N processes are
+one run: rank 0 holds the run directory, its lock, the server and the checkpoints; every rank reads its partitions
+and the ranks step together (``_run_parallel``; the collectives are in ``distributed``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +38,7 @@ from streamd.run.server import StatusServer
 from streamd.stream.retention import Retention, retention_for
 from streamd.train.buffer import ShuffleBuffer
 from streamd.train.checkpointer import Checkpointer, Resume, read_resume
+from streamd.train.distributed import Collective, check_parallel, world_from_env
 from streamd.train.file_source import FileActivationSource
 from streamd.train.intake import Intake
 from streamd.train.kafka_source import KafkaActivationSource
@@ -57,9 +64,9 @@ def expected_site_id(cfg: StreamdConfig) -> int:
 
 def open_source(cfg: StreamdConfig, metrics: TrainerMetrics, retention: Retention, resume: Resume,
                 device: torch.device, path: Path | None = None,
-                loop: bool = False) -> tuple[ActivationSource, int | None]:
-    """The run's source, placed where the checkpoint left it: a cached file, or the stream. Returns it with the
-    site id it accepts (None for a file)."""
+                loop: bool = False, share: tuple[int, int] | None = None) -> tuple[ActivationSource, int | None]:
+    """The run's source, placed where the checkpoint left it: a cached file, or the stream (data-parallel: this
+    rank's ``share`` of its partitions). Returns it with the site id it accepts (None for a file)."""
     t = cfg.trainer
     if path is not None:
         path = Path(path)
@@ -80,7 +87,7 @@ def open_source(cfg: StreamdConfig, metrics: TrainerMetrics, retention: Retentio
         cfg.kafka, topic, t.group_id, metrics,
         expected_site_id=site, d_in=d_in, queue_tokens=max(4 * t.batch_size, 65536),
         start_offsets=resume.start_offsets, reread_below=resume.reread_below, pin_memory=device.type == "cuda",
-        torch_threads=t.torch_threads, retention=retention,
+        torch_threads=t.torch_threads, retention=retention, share=share,
     )
     return src, site
 
@@ -144,15 +151,19 @@ class Cadence:
 
 class TraceFile:
     """With ``trainer.trace_file``: one JSON line per step, the trainer's token count and, per message, how many of
-    its tokens were trained (``served``: [topic or file, partition, offset, tokens]). A line is written whole or
-    not at all (``history.append_line``)."""
+    its tokens were trained (``served``: [topic or file, partition, offset, tokens]); data-parallel also the sha256
+    of the SAEs' weights after the step (``params``: every rank's must agree). A line is written whole or not at
+    all (``history.append_line``)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, rank: int = 0) -> None:
+        if path is not None and rank:  # data-parallel: one file per rank, rank 0's under the configured name
+            path = Path(path).with_name(f"{Path(path).stem}.rank{rank}{Path(path).suffix}")
         self.path = path
 
-    def write(self, tokens: int, served: Callable[[], list]) -> None:
+    def write(self, tokens: int, served: Callable[[], list], extra: Callable[[], dict] | None = None) -> None:
         if self.path:
-            append_line(Path(self.path), (json.dumps({"tokens": tokens, "served": served()}) + "\n").encode())
+            line = {"tokens": tokens, "served": served(), **(extra() if extra else {})}
+            append_line(Path(self.path), (json.dumps(line) + "\n").encode())
 
 
 class SkippedWrites:
@@ -191,43 +202,64 @@ class Trainer:
     ) -> None:
         self.cfg, self.tcfg = cfg, cfg.trainer
         configure_threads(self.tcfg.torch_threads)
+        self.rank, world_size, local_rank = world_from_env()
+        check_parallel(cfg, world_size, activation_file)
         self.device = resolve_device(self.tcfg.device)
+        if world_size > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", local_rank)  # one GPU per rank
         self.dtype = TORCH_DTYPES[self.tcfg.buffer_dtype]
-        self.on_progress, self.progress_every_s = on_progress, progress_every_s
+        self.on_progress = on_progress if self.rank == 0 else None
+        self.progress_every_s = progress_every_s
         self.stop_event = threading.Event()
-        self.lock = RunLock(self.tcfg.run_dir)
+        # data-parallel: the ranks' process group; rank 0 holds the run directory, its lock and the HTTP server
+        self.collective = Collective(self.device, self.tcfg.collective_timeout_seconds) if world_size > 1 else None
+        self.lock = RunLock(self.tcfg.run_dir) if self.rank == 0 else None
         try:
             self._open(cfg, activation_file, loop_file)
         except BaseException:  # a failed start must not keep the run locked
-            self.lock.release()
+            if self.lock:
+                self.lock.release()
             raise
 
     def _open(self, cfg: StreamdConfig, activation_file: Path | None, loop_file: bool) -> None:
-        """Everything the run holds besides its lock: state to resume, source, intake, metrics, server."""
-        self.store = CheckpointStore(self.tcfg.run_dir, cfg.checkpoints.keep_last)
+        """Everything the run holds besides its lock: state to resume, source, intake, metrics, server (the run
+        directory's parts on rank 0 only)."""
+        rank0 = self.rank == 0
+        self.store = CheckpointStore(self.tcfg.run_dir, cfg.checkpoints.keep_last) if rank0 else None
         self.metrics = TrainerMetrics([s.name for s in self.tcfg.saes], wire.REJECT_REASONS, version=__version__)
-        self.history = MetricsHistory(self.tcfg.run_dir / "metrics.jsonl", self.tcfg.history_max_bytes)
+        self.history = (MetricsHistory(self.tcfg.run_dir / "metrics.jsonl", self.tcfg.history_max_bytes)
+                        if rank0 else None)
         self.metrics.buffer_tokens.set(0)
+        self.metrics.world_size.set(self.collective.world_size if self.collective else 1)
         self.learners: dict[str, Learner] = {}
         self._last_stats: dict[str, StepStats] = {}  # the last step's, read at the progress cadence
         self._last_eval: dict[str, dict[str, float]] = {}  # the last evaluation's, beside them
-        self.trace = TraceFile(self.tcfg.trace_file)
+        self.trace = TraceFile(self.tcfg.trace_file, self.rank)
         self.skipped = SkippedWrites(self.metrics)
         self.cadence: Cadence | None = None  # from run() on
-        resume = read_resume(self.store, self.metrics)
+        c = self.collective
+        if rank0:
+            resume = read_resume(self.store, self.metrics)
+            self.tcfg.group_id = run_group_id(self.tcfg.run_dir, self.tcfg.group_id)  # recorded in the run directory
+        if c is not None:
+            resume, self.tcfg.group_id = c.broadcast((resume, self.tcfg.group_id) if rank0 else None)
         self.tokens = resume.tokens
         self._resume_state = resume.state
-        self.tcfg.group_id = run_group_id(self.tcfg.run_dir, self.tcfg.group_id)  # recorded in the run directory
         retention = retention_for(cfg.kafka, self.tcfg.group_id)
         source, site = open_source(cfg, self.metrics, retention, resume, self.device, activation_file,
-                                   loop_file)
+                                   loop_file, share=(self.rank, c.world_size) if c else None)
         state = resume.state or {}
-        self.intake = Intake(source, self.tcfg, self.metrics, self._set_up, self.stop_event,
-                             on_filling=self._note_filling, scale=state.get("scale"), eval_set=state.get("eval_set"))
+        # the held-out set is rank 0's (the others would hold out tokens that are never evaluated)
+        tcfg = self.tcfg if rank0 else self.tcfg.model_copy(update={"eval_tokens": 0})
+        self.intake = Intake(source, tcfg, self.metrics, self._set_up, self.stop_event, on_filling=self._note_filling,
+                             scale=state.get("scale"), eval_set=state.get("eval_set") if rank0 else None)
         self.intake.on_waiting = self._note_waiting
         self._waiting_noted = 0.0
-        self.checkpointer = Checkpointer(cfg, self.store, self.metrics, retention, site)
-        self.server = StatusServer.from_config(cfg.metrics, self.metrics.registry, self.store, self.ready).start()
+        self._scale_agreed = self.scale is not None  # data-parallel: every rank trains with the same scale
+        self.checkpointer = Checkpointer(cfg, self.store, self.metrics, retention, site,
+                                         gather=c.gather_offsets if c else None)
+        self.server = (StatusServer.from_config(cfg.metrics, self.metrics.registry, self.store, self.ready).start()
+                       if rank0 else None)
         # /healthz and /readyz answer from construction on, while the first activations are awaited
 
     # --- what the intake holds ----------------------------------------------------------------------------------
@@ -256,12 +288,13 @@ class Trainer:
         buffer = ShuffleBuffer(
             t.buffer_tokens, d_in, t.batch_size, max_age=int(t.max_token_age_buffers * t.buffer_tokens),
             dtype=self.dtype, device=self.device,
-            generator=torch.Generator(device=self.device).manual_seed(t.saes[0].seed + 1),
+            generator=torch.Generator(device=self.device).manual_seed(t.saes[0].seed + 1 + self.rank),
         )
-        self.learners = {s.name: Learner(s, d_in, t, self.device) for s in t.saes}
+        self.learners = {s.name: Learner(s, d_in, t, self.device, self.collective) for s in t.saes}
         state = self._resume_state
         if state is not None:
-            buffer.rng_state = state["buffer_rng"]
+            if self.rank == 0:  # the checkpoint holds rank 0's sampling state
+                buffer.rng_state = state["buffer_rng"]
             for name, learner in self.learners.items():
                 learner.load_state_dict(state["learners"][name])
         self.metrics.buffer_tokens.set(t.buffer_tokens)
@@ -300,23 +333,61 @@ class Trainer:
         self.source.start()
         self.cadence = Cadence(t, self.cfg.checkpoints, self.progress_every_s, self.tokens)
         try:
-            while self._more():
-                if not self._ingest():
-                    break
-                self._step(self.buffer.sample())
-                self._after_step()
-            if self.source.exhausted and self.buffer is not None and self.scale is not None:
-                self._drain()
-            if self._last_stats and self.cadence.record_tokens != self.tokens:  # the final state, if not yet recorded
-                self._record(self.cadence.recorded(self.tokens, time.monotonic()))
+            if self.collective is None:
+                while self._more():
+                    if not self._ingest():
+                        break
+                    self._step(self.buffer.sample())
+                    self._after_step()
+                if self.source.exhausted and self.buffer is not None and self.scale is not None:
+                    self._drain()
+            else:
+                self._run_parallel()
+            if self._last_stats and self.cadence.record_tokens != self.tokens and self.rank == 0:
+                self._record(self.cadence.recorded(self.tokens, time.monotonic()))  # the final state, if not yet
             if self.learners and self.cadence.unsaved(self.tokens):
                 self.evaluate()
                 self.checkpoint()
+            if self.collective is not None:
+                self.collective.close()
         finally:
             self.source.close()
-            self.server.stop()
-            self.lock.release()
+            if self.server:
+                self.server.stop()
+            if self.lock:
+                self.lock.release()
         return self.tokens
+
+    def _run_parallel(self) -> None:
+        """Data-parallel: every rank steps together. Each round the ranks exchange what they bring (a full buffer's
+        batch, or nothing: a zero-weight step), stop and checkpoint requests; a round where nobody has a batch
+        trains nothing. A rank waits at most 0.5 s for data while nobody trains, not at all while others do."""
+        t, stepping = self.tcfg, False
+        while t.max_tokens is None or self.tokens < t.max_tokens:
+            ready = self.intake.fill(patience=0.0 if stepping else 0.5)
+            buf, scale = self.buffer, self.scale
+            own_norm = (math.sqrt(buf.d_in) / scale if scale and not self._scale_agreed else 0.0)
+            weight = self.intake.scale_tokens if own_norm else 0
+            due = stepping and self.cadence.checkpoint_due(self.tokens, time.monotonic())
+            rows = self.collective.exchange([t.batch_size if ready else 0, float(self.stop_event.is_set()), float(due),
+                                             buf.d_in if buf else (t.d_in or 0), own_norm * weight, weight])
+            if rows[:, 1].any():
+                break
+            if rows[:, 2].any():
+                self.checkpoint()
+                self.cadence.checkpointed(self.tokens)
+            total = int(rows[:, 0].sum())
+            stepping = total > 0
+            if not stepping:
+                continue
+            d_in = int(rows[:, 3].max())
+            buf = self.intake.ensure_buffer(d_in)
+            if not self._scale_agreed:  # the first step: the token-weighted mean of the ranks' mean norms
+                self.intake.scale = math.sqrt(d_in) * float(rows[:, 5].sum()) / float(rows[:, 4].sum())
+                self._scale_agreed = True
+            self.metrics.training_ready.set(1)
+            self._step(buf.sample() if ready else torch.empty(0, d_in, device=self.device), total)
+            self._after_step(checkpoint=False)
 
     def _ingest(self) -> bool:
         """Fill the buffer; False when the source ended or a stop came first."""
@@ -328,11 +399,14 @@ class Trainer:
     def _more(self) -> bool:
         return not self.stop_event.is_set() and (self.tcfg.max_tokens is None or self.tokens < self.tcfg.max_tokens)
 
-    def _after_step(self) -> None:
+    def _after_step(self, checkpoint: bool = True) -> None:
+        """``checkpoint``: False data-parallel, where the ranks agree on it at the next exchange."""
         now = time.monotonic()
         self._maybe_evaluate()
-        self._maybe_record(now)
-        self._maybe_checkpoint(now)
+        if self.rank == 0:
+            self._maybe_record(now)
+        if checkpoint:
+            self._maybe_checkpoint(now)
 
     def _drain(self) -> None:
         """A finite source ended: train every token still in the buffer once, then the final checkpoint follows."""
@@ -340,14 +414,27 @@ class Trainer:
             self._step(x)
             self._after_step()
 
-    def _step(self, x: torch.Tensor) -> None:
+    def _step(self, x: torch.Tensor, total: int | None = None) -> None:
+        """One step of every SAE on ``x``; data-parallel, ``total`` tokens over every rank (``x`` may be empty)."""
         x = x * self.scale
+        total = len(x) if total is None else total
         for name, learner in self.learners.items():
-            self._last_stats[name] = learner.step(x)  # device values: read at the progress cadence
-            self.metrics.tokens_trained.labels(sae=name).inc(len(x))
-        self.tokens += len(x)
+            self._last_stats[name] = learner.step(x, total)  # device values: read at the progress cadence
+            self.metrics.tokens_trained.labels(sae=name).inc(total)
+        self.tokens += total
         self.metrics.buffer_fill_ratio.set(self.buffer.fill_ratio)
-        self.skipped.attempt("trace", lambda: self.trace.write(self.tokens, self.intake.last_served))
+        served = self.intake.last_served if len(x) else list
+        self.skipped.attempt("trace", lambda: self.trace.write(
+            self.tokens, served, self._weights_digest if self.collective else None))
+
+    def _weights_digest(self) -> dict:
+        """The sha256 of every SAE's weights and buffers (data-parallel trace: the ranks must agree bit for bit)."""
+        h = hashlib.sha256()
+        for name, learner in self.learners.items():
+            for key, v in learner.sae.state_dict().items():
+                raw = v.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
+                h.update(name.encode() + key.encode() + raw.numpy().tobytes())
+        return {"params": h.hexdigest()}
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         if self.eval_set is None or len(self.eval_set) == 0:
