@@ -165,8 +165,8 @@ class Collective:
             tdist.all_reduce(stats)
         self.bytes_reduced = flat.numel() * flat.element_size() + stats.numel() * stats.element_size()
         at = 0
-        for p in params:
-            p.grad = flat[at : at + p.numel()].view_as(p).div_(total).to(p.dtype)
+        for p, g in zip(params, grads):  # into the gradient's own tensor: it keeps the parameter's memory layout,
+            p.grad = g.copy_(flat[at : at + p.numel()].view_as(p)).div_(total)  # which fused Adam relies on
             at += p.numel()
         fires = flat[at:]
         at = row.numel()
