@@ -179,6 +179,9 @@ class TrainerMetrics:
         self.offset_resets = Counter("offset_resets", "Times the consumer position was reset (out of range, lost).",
                                      namespace=ns, registry=reg)
 
+        self.lost_logs = Counter("lost_logs", "Partitions whose log the broker lost (the topic was created again "
+                                 "under its name, or its committed offsets are gone): read again from the start.",
+                                 namespace=ns, registry=reg)
         self.generations_retired = Counter("generations_retired", "Generation topics deleted after being trained "
                                            "and checkpointed in full.", namespace=ns, registry=reg)
         self.generations_recreated = Counter(
