@@ -199,6 +199,9 @@ class TrainerMetrics:
         self.checkpoints = Counter("checkpoints", "Checkpoints written successfully.", namespace=ns, registry=reg)
         self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint writes that failed.", namespace=ns,
                                            registry=reg)
+        self.checkpoint_retry_seconds = Gauge(
+            "checkpoint_retry_seconds", "After failed checkpoints, how long the trainer waits before the next attempt "
+            "(doubling per failure in a row; 0: the last one succeeded).", namespace=ns, registry=reg)
         self.resume_fallbacks = Counter(
             "resume_fallbacks", "Resumes that found the latest checkpoint corrupt (or unnamed) and used the newest "
             "good older one.", namespace=ns, registry=reg)

@@ -81,13 +81,21 @@ def read_resume(store: CheckpointStore, metrics: TrainerMetrics | None = None) -
 
 
 class Checkpointer:
+    """Writes checkpoints; after a failure (a full disk) the next attempt waits ``checkpoints.retry_seconds``,
+    doubling with each failure in a row up to ``retry_max_seconds``, so a disk that stays full costs one attempt
+    and one log line per back-off, not one per checkpoint interval. The last good checkpoint is never touched."""
+
     def __init__(self, cfg: StreamdConfig, store: CheckpointStore, metrics: TrainerMetrics, retention: Retention,
                  site_id: int | None) -> None:
         self.cfg, self.store, self.metrics, self.retention, self.site_id = cfg, store, metrics, retention, site_id
+        self.clock = time.monotonic  # tests replace it
+        self.failures = 0  # in a row
+        self._retry_at = 0.0
 
-    def write(self, tokens: int, intake: Intake, learners: dict[str, Learner]) -> Path | None:
-        """Checkpoint now; None when there is nothing to save yet or the write failed (training goes on)."""
-        if not learners:
+    def write(self, tokens: int, intake: Intake, learners: dict[str, Learner], *, final: bool = False) -> Path | None:
+        """Checkpoint now; None when there is nothing to save yet, the write failed or a failure's back-off is not
+        over (training goes on). ``final`` (the run ends): tried even during a back-off."""
+        if not learners or (not final and self.clock() < self._retry_at):
             return None
         t0 = time.monotonic()
         offsets, positions = intake.resume_offsets()
@@ -114,9 +122,19 @@ class Checkpointer:
         try:
             path = self.store.write(tokens, exports, state, nested, manifest, tcfg.site.hook_name)
         except CheckpointError as e:
-            log.error("checkpoint at %d tokens failed, training continues: %s", tokens, e)
+            ck = self.cfg.checkpoints
+            self.failures += 1
+            delay = min(ck.retry_seconds * 2 ** (self.failures - 1), ck.retry_max_seconds)
+            self._retry_at = self.clock() + delay
             self.metrics.checkpoint_failures.inc()
+            self.metrics.checkpoint_retry_seconds.set(delay)
+            log.error("checkpoint at %d tokens failed (%d in a row), training continues; the last good checkpoint "
+                      "stays; next attempt in %.0f s: %s", tokens, self.failures, delay, e)
             return None
+        if self.failures:
+            log.info("checkpoint written again after %d failed attempt(s)", self.failures)
+        self.failures, self._retry_at = 0, 0.0
+        self.metrics.checkpoint_retry_seconds.set(0)
         intake.source.commit(offsets)
         self.retention.release(offsets, positions)
         self.metrics.checkpoints.inc()
