@@ -30,7 +30,7 @@
 # own dependencies then come from SMOKE_PIP_INDEX, default PyPI), SMOKE_PIP_INDEX (extra pip index for everything),
 # SMOKE_CA_CERTS (a PEM file of extra CA certificates the base image trusts, e.g. a TLS-intercepting proxy's),
 # SMOKE_DOCKER (the docker client to use), SMOKE_BROKER_PORT (default 19092), SMOKE_TRAINER_PORT (9400),
-# SMOKE_PRODUCER_PORT (9401), SMOKE_PROMETHEUS_PORT (9090), SMOKE_GROUP (the trainer's consumer group; default
+# SMOKE_PRODUCER_PORT (9401), SMOKE_FEEDER_PORT (9402), SMOKE_PROMETHEUS_PORT (9090), SMOKE_GROUP (the trainer's consumer group; default
 # streamd-smoke-<time>-<pid>), SMOKE_TIMEOUT (s).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,6 +45,7 @@ PROM_IMAGE=streamd-smoke-prometheus:$SUITE
 BROKER_PORT=${SMOKE_BROKER_PORT:-19092}
 TRAINER_PORT=${SMOKE_TRAINER_PORT:-9400}
 PRODUCER_PORT=${SMOKE_PRODUCER_PORT:-9401}
+FEEDER_PORT=${SMOKE_FEEDER_PORT:-9402}
 PROM_PORT=${SMOKE_PROMETHEUS_PORT:-9090}
 GROUP=${SMOKE_GROUP:-streamd-smoke-$(date +%s)-$$}
 PROJECT=streamd-smoke
@@ -54,11 +55,12 @@ START=$SECONDS
 # one of them would answer the checks below in place of this stack's.
 check_ports() {
   local name port busy=
-  for name in SMOKE_BROKER_PORT SMOKE_TRAINER_PORT SMOKE_PRODUCER_PORT SMOKE_PROMETHEUS_PORT; do
+  for name in SMOKE_BROKER_PORT SMOKE_TRAINER_PORT SMOKE_PRODUCER_PORT SMOKE_FEEDER_PORT SMOKE_PROMETHEUS_PORT; do
     case $name in
       SMOKE_BROKER_PORT) port=$BROKER_PORT ;;
       SMOKE_TRAINER_PORT) port=$TRAINER_PORT ;;
       SMOKE_PRODUCER_PORT) port=$PRODUCER_PORT ;;
+      SMOKE_FEEDER_PORT) port=$FEEDER_PORT ;;
       SMOKE_PROMETHEUS_PORT) port=$PROM_PORT ;;
     esac
     if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1 || port > 65535)); then
@@ -74,7 +76,8 @@ except OSError:
     fi
   done
   local shared
-  shared=$(printf '%s\n' "$BROKER_PORT" "$TRAINER_PORT" "$PRODUCER_PORT" "$PROM_PORT" | sort | uniq -d | xargs)
+  shared=$(printf '%s\n' "$BROKER_PORT" "$TRAINER_PORT" "$PRODUCER_PORT" "$FEEDER_PORT" "$PROM_PORT" | sort | uniq -d |
+    xargs)
   if [[ -n $shared ]]; then echo "smoke: the SMOKE_*_PORT settings share port(s) $shared" >&2; busy=1; fi
   [[ -z $busy ]]
 }
@@ -85,16 +88,16 @@ render() {
   mkdir -p "$WORK/prometheus"
   cp "$ROOT/deploy/prometheus/rules.yml" "$WORK/prometheus/"
   python3 - "$ROOT/deploy/prometheus/prometheus.yml" "$WORK/prometheus/prometheus.yml" \
-    "$TRAINER_PORT" "$PRODUCER_PORT" "$PROM_PORT" <<'PY'
+    "$TRAINER_PORT" "$PRODUCER_PORT" "$FEEDER_PORT" "$PROM_PORT" <<'PY'
 import re, sys
-src, dst, trainer, producer, prom = sys.argv[1:]
+src, dst, trainer, producer, feeder, prom = sys.argv[1:]
 text = open(src).read()
 out = text.replace('"trainer:9400"', '"127.0.0.1:%s"' % trainer).replace('"localhost:9090"', '"127.0.0.1:%s"' % prom)
-out = out.replace('"feeder:9402"', '"127.0.0.1:9402"')  # the feeder keeps its compose port (not yet a setting)
+out = out.replace('"feeder:9402"', '"127.0.0.1:%s"' % feeder)
 # the producers' DNS discovery needs Compose's DNS: under host networking the one replica is on loopback
 out = re.sub(r"dns_sd_configs:\n(?:[ \t]+.*\n)*?[ \t]+refresh_interval: \S+\n",
              'static_configs:\n      - targets: ["127.0.0.1:%s"]\n' % producer, out)
-for need in (trainer, producer, prom):
+for need in (trainer, producer, feeder, prom):
     if '"127.0.0.1:%s"' % need not in out:
         sys.exit("smoke: could not point %s at 127.0.0.1:%s (its scrape targets changed?)" % (src, need))
 open(dst, "w").write(out)
@@ -128,6 +131,14 @@ services:
       STREAMD_PRODUCER__TORCH_THREADS: 2
     healthcheck:
       test: ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PRODUCER_PORT/healthz', timeout=5)"]
+  feeder:
+    <<: *host
+    environment:
+      STREAMD_KAFKA__BOOTSTRAP_SERVERS: 127.0.0.1:$BROKER_PORT
+      STREAMD_METRICS__HOST: 127.0.0.1
+      STREAMD_FEED__METRICS_PORT: $FEEDER_PORT
+    healthcheck:
+      test: ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$FEEDER_PORT/healthz', timeout=5)"]
   trainer:
     <<: *host
     environment:

@@ -431,6 +431,16 @@ class CheckpointConfig(Strict):
     every_tokens: int | None = Field(10_000_000, ge=1)
     every_seconds: float | None = Field(600.0, gt=0)
     keep_last: int = Field(3, ge=1)
+    retry_seconds: float = Field(10.0, gt=0, description="after a failed checkpoint (a full disk) the next is tried "
+                                 "this long after, doubling with each failure in a row up to retry_max_seconds")
+    retry_max_seconds: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _retry_range(self) -> CheckpointConfig:
+        if self.retry_max_seconds < self.retry_seconds:
+            raise ValueError(f"checkpoints.retry_max_seconds ({self.retry_max_seconds}) is below "
+                             f"checkpoints.retry_seconds ({self.retry_seconds})")
+        return self
 
 
 class StreamdConfig(BaseSettings):

@@ -179,6 +179,9 @@ class TrainerMetrics:
         self.offset_resets = Counter("offset_resets", "Times the consumer position was reset (out of range, lost).",
                                      namespace=ns, registry=reg)
 
+        self.lost_logs = Counter("lost_logs", "Partitions whose log the broker lost (the topic was created again "
+                                 "under its name, or its committed offsets are gone): read again from the start.",
+                                 namespace=ns, registry=reg)
         self.generations_retired = Counter("generations_retired", "Generation topics deleted after being trained "
                                            "and checkpointed in full.", namespace=ns, registry=reg)
         self.generations_recreated = Counter(
@@ -199,6 +202,9 @@ class TrainerMetrics:
         self.checkpoints = Counter("checkpoints", "Checkpoints written successfully.", namespace=ns, registry=reg)
         self.checkpoint_failures = Counter("checkpoint_failures", "Checkpoint writes that failed.", namespace=ns,
                                            registry=reg)
+        self.checkpoint_retry_seconds = Gauge(
+            "checkpoint_retry_seconds", "After failed checkpoints, how long the trainer waits before the next attempt "
+            "(doubling per failure in a row; 0: the last one succeeded).", namespace=ns, registry=reg)
         self.resume_fallbacks = Counter(
             "resume_fallbacks", "Resumes that found the latest checkpoint corrupt (or unnamed) and used the newest "
             "good older one.", namespace=ns, registry=reg)

@@ -18,14 +18,15 @@ SITE_ID = 0xAB
 
 
 def trainer_config(kafka: KafkaConfig, run_dir: Path, *, d_in: int = 16, every_tokens: int | None = 4096,
-                   saes: list[SAEConfig] | None = None, **trainer: object) -> StreamdConfig:
+                   saes: list[SAEConfig] | None = None, checkpoints: dict | None = None,
+                   **trainer: object) -> StreamdConfig:
     t = dict(site_id=f"{SITE_ID:016x}", d_in=d_in, buffer_tokens=1024, batch_size=128, warmup_tokens=0,
              eval_tokens=0, run_dir=run_dir, device="cpu", torch_threads=1, norm_estimate_tokens=512,
              saes=saes or [SAEConfig(name="t", architecture="topk", expansion_factor=4, k=4)])
     t.update(trainer)
     return StreamdConfig(
         kafka=kafka, trainer=TrainerConfig(**t), metrics=MetricsConfig(port=0),
-        checkpoints=CheckpointConfig(every_tokens=every_tokens, every_seconds=None, keep_last=2),
+        checkpoints=CheckpointConfig(every_tokens=every_tokens, every_seconds=None, keep_last=2, **(checkpoints or {})),
     )
 
 

@@ -309,3 +309,84 @@ def test_fsync_or_rename_failure_leaves_previous_state_intact(
     store.verify(first)
     monkeypatch.undo()
     assert write(store, 3000) == store.latest()
+
+
+# --- a disk that stays full: back-off, not a retry storm (issue 13) ---------------------------------------------
+
+
+def _file_trainer(tmp_path: Path, n_tokens: int, **checkpoints_cfg):
+    import numpy as np
+
+    from streamd.config import KafkaConfig
+    from streamd.train.trainer import Trainer
+    from tests.streamd_testing import random_acts, trainer_config
+
+    path = tmp_path / "acts.npy"
+    np.save(path, random_acts(n_tokens, 16, seed=3).numpy())
+    cfg = trainer_config(KafkaConfig(), tmp_path / "run", every_tokens=512)
+    cfg.checkpoints = cfg.checkpoints.model_copy(update=checkpoints_cfg)
+    return Trainer(cfg, activation_file=path)
+
+
+def test_a_full_disk_is_retried_with_backoff_and_the_run_keeps_training(tmp_path, monkeypatch):
+    """The disk fills after the first checkpoint and stays full: one attempt per back-off (60 s here, longer than
+    the run), not one per 512-token interval (~30 of them); training goes on; the last good checkpoint stays intact;
+    the final checkpoint is tried despite the back-off and lands once there is space again."""
+    t = _file_trainer(tmp_path, 16384, retry_seconds=60, retry_max_seconds=600)
+    real, attempts, full = checkpoints.write_bytes, [], {"on": False}
+
+    def disk(path: Path, data: bytes) -> None:
+        if full["on"]:
+            attempts.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoints, "write_bytes", disk)
+    store = t.store
+    first: list[Path] = []
+    step = t._after_step
+
+    def after_step():
+        step()
+        if store.latest() is not None and not full["on"]:
+            first.append(store.latest())
+            full["on"] = True  # the first checkpoint is on disk: the disk is full from now on
+        if t.tokens >= 16384 - 1024:
+            full["on"] = False  # space again before the run ends
+
+    t._after_step = after_step
+    assert t.run() == 16384  # every token trained, the disk full most of the run
+    assert t.metrics.checkpoint_failures._value.get() == 1, "one attempt while the back-off lasts"
+    assert len(attempts) == 1  # its first file; no retry: nothing to free but the latest good one
+    assert t.metrics.checkpoint_retry_seconds._value.get() == 0  # the final one succeeded
+    final = store.latest()
+    assert final != first[0] and CheckpointStore.read_offsets(final) == {"file:acts.npy": {0: 16384}}
+    store.verify(first[0]), store.verify(final)  # the last good one survived the full disk
+
+
+def test_backoff_doubles_per_failure_in_a_row_up_to_the_maximum(tmp_path, monkeypatch):
+    t = _file_trainer(tmp_path, 8192, retry_seconds=10, retry_max_seconds=40)
+    now = {"t": 0.0}
+
+    def clock() -> float:  # each attempt comes an hour later: never held back
+        now["t"] += 3600
+        return now["t"]
+
+    t.checkpointer.clock = clock
+    delays: list[float] = []
+    write = t.checkpointer.write
+
+    def recording_write(*args, **kwargs):
+        out = write(*args, **kwargs)
+        delays.append(t.metrics.checkpoint_retry_seconds._value.get())
+        return out
+
+    t.checkpointer.write = recording_write
+    enospc_for(monkeypatch, 10**6)
+    t.run()
+    assert delays[:5] == [10, 20, 40, 40, 40] and t.checkpointer.failures == len(delays)
+    assert store_is_empty(t.store)
+
+
+def store_is_empty(store: CheckpointStore) -> bool:
+    return store.latest() is None and store.list() == [] and tmp_dirs(store) == []

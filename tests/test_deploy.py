@@ -439,21 +439,23 @@ def test_smoke_script_parses():
 
 
 def test_smoke_puts_every_port_in_a_setting(tmp_path):
-    broker, trainer, producer, prom = _free_ports(4)
+    broker, trainer, producer, feeder, prom = _free_ports(5)
     out = _render(tmp_path, SMOKE_BROKER_PORT=broker, SMOKE_TRAINER_PORT=trainer, SMOKE_PRODUCER_PORT=producer,
-                  SMOKE_PROMETHEUS_PORT=prom)
+                  SMOKE_FEEDER_PORT=feeder, SMOKE_PROMETHEUS_PORT=prom)
     assert out.returncode == 0, out.stderr
     work = tmp_path / "work"
     override = yaml.safe_load((work / "smoke.override.yml").read_text())
     svc = override["services"]
     assert svc["kafka"]["command"] == ["broker", "--port", str(broker)]
     assert f"{broker}" in svc["kafka"]["healthcheck"]["test"][3]
-    for name in STREAMD_SERVICES:
+    for name in (*STREAMD_SERVICES, "feeder"):
         assert svc[name]["environment"]["STREAMD_KAFKA__BOOTSTRAP_SERVERS"] == f"127.0.0.1:{broker}"
     assert str(svc["trainer"]["environment"]["STREAMD_METRICS__PORT"]) == str(trainer)
     assert str(svc["producer"]["environment"]["STREAMD_PRODUCER__METRICS_PORT"]) == str(producer)
     assert f"127.0.0.1:{trainer}/healthz" in svc["trainer"]["healthcheck"]["test"][3]
     assert f"127.0.0.1:{producer}/healthz" in svc["producer"]["healthcheck"]["test"][3]
+    assert str(svc["feeder"]["environment"]["STREAMD_FEED__METRICS_PORT"]) == str(feeder)
+    assert f"127.0.0.1:{feeder}/healthz" in svc["feeder"]["healthcheck"]["test"][3]
     assert f"--web.listen-address=127.0.0.1:{prom}" in svc["prometheus"]["command"]
     assert svc["trainer"]["environment"]["STREAMD_TRAINER__GROUP_ID"] == "streamd-smoke-test"
     # the mounted Prometheus config scrapes this stack's ports, with the repository's rules
@@ -461,10 +463,10 @@ def test_smoke_puts_every_port_in_a_setting(tmp_path):
     prom_cfg = yaml.safe_load((work / "prometheus" / "prometheus.yml").read_text())
     targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom_cfg["scrape_configs"]}
     assert targets == {"streamd-trainer": [f"127.0.0.1:{trainer}"], "streamd-producer": [f"127.0.0.1:{producer}"],
-                       "streamd-feeder": ["127.0.0.1:9402"], "prometheus": [f"127.0.0.1:{prom}"]}
+                       "streamd-feeder": [f"127.0.0.1:{feeder}"], "prometheus": [f"127.0.0.1:{prom}"]}
     assert (work / "prometheus" / "rules.yml").read_text() == (PROM / "rules.yml").read_text()
     rendered = (work / "smoke.override.yml").read_text() + (work / "prometheus" / "prometheus.yml").read_text()
-    for default in ("19092", "9400", "9401", "9090"):
+    for default in ("19092", "9400", "9401", "9402", "9090"):
         assert default not in rendered, f"a fixed port {default} is left in the smoke config"
     if shutil.which("promtool"):
         r = subprocess.run(["promtool", "check", "config", "prometheus.yml"], cwd=work / "prometheus",
@@ -485,13 +487,13 @@ def test_smoke_refuses_ports_in_use(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        broker, producer, prom = _free_ports(3)
+        broker, producer, feeder, prom = _free_ports(4)
         out = _render(tmp_path, SMOKE_BROKER_PORT=broker, SMOKE_TRAINER_PORT=port, SMOKE_PRODUCER_PORT=producer,
-                      SMOKE_PROMETHEUS_PORT=prom)
+                      SMOKE_FEEDER_PORT=feeder, SMOKE_PROMETHEUS_PORT=prom)
     assert out.returncode != 0 and f"port {port} (SMOKE_TRAINER_PORT) is in use" in out.stderr
     assert not (tmp_path / "work" / "smoke.override.yml").exists()
     out = _render(tmp_path, SMOKE_BROKER_PORT=broker, SMOKE_TRAINER_PORT=broker, SMOKE_PRODUCER_PORT=producer,
-                  SMOKE_PROMETHEUS_PORT=prom)
+                  SMOKE_FEEDER_PORT=feeder, SMOKE_PROMETHEUS_PORT=prom)
     assert out.returncode != 0 and "share port" in out.stderr
 
 

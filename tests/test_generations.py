@@ -131,8 +131,9 @@ def test_a_record_landing_on_a_retired_generation_is_read(broker, tmp_path):
         while metrics.generations_retired._value.get() < 1:
             assert time.monotonic() < deadline, "the generation was never retired"
             time.sleep(0.1)
-        producer.close()  # a new producer, as after a retry: the old one's metadata would re-create the topic
-        producer = make_producer(kafka, max_request_size=2**20)
+        producer.close()
+        # a client that lets the broker create topics it asks for (kafka-python's default; streamd's never do)
+        producer = make_producer(kafka, max_request_size=2**20, allow_auto_create_topics=True)
         send(1)  # the late record: the broker re-creates the topic for it
         chunk = src.get(timeout=30)
         assert chunk is not None and (chunk.producer_id, chunk.seq) == ("p", 1), "the late record was never read"

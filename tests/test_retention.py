@@ -1,7 +1,7 @@
 """The retention strategies' pure parts: topic names, the topics to follow, lost-log judgement (no broker)."""
 
 from streamd.config import KafkaConfig
-from streamd.stream.retention import BrokerRetention, GenerationRetention, retention_for
+from streamd.stream.retention import BrokerRetention, GenerationRetention, TopicIdentity, retention_for
 
 FAST = dict(delivery_timeout_ms=5000, clock_skew_seconds=2)  # a generation grace of 7 s: 10 s generations are valid
 
@@ -42,6 +42,19 @@ def test_lost_logs():
     assert r.lost_logs(ends, {("t", 1): 3}, {("t", 1): 2}) == []
     assert r.lost_logs(ends, {("t", 1): 3}, {("t", 0): None, ("t", 1): None}) == [("t", 0), ("t", 1)]  # commits gone
     assert r.lost_logs(ends, {("t", 1): 3}, {("t", 0): None, ("t", 1): 2}) == []
+    assert r.lost_logs(ends, {("t", 0): 5, ("t", 1): 3}, {}, recreated={"t"}) == [("t", 0), ("t", 1)]  # new topic id
+
+
+def test_topic_identity_tells_a_topic_created_again_under_its_name():
+    ident = TopicIdentity()
+    assert ident.changed({"t": "id-1", "u": None}) == set()  # first sight; a topic without an id is not judged
+    assert ident.confirmed("t", "id-1") and ident.confirmed("u", None)
+    assert ident.changed({"t": None}) == set() and not ident.confirmed("t", None)  # gone: no commits, judged later
+    assert ident.changed({"t": "id-2"}) == {"t"}  # back with a new log
+    assert ident.confirmed("t", "id-2") and not ident.confirmed("t", "id-1")
+    assert ident.changed({"t": "id-2"}) == set()
+    ident.forget(["t"])  # deleted on purpose: the next one is judged afresh
+    assert ident.changed({"t": "id-3"}) == set()
 
 
 # --- generation grace, other groups, re-created topics (issue 13) ------------------------------------------------

@@ -155,6 +155,39 @@ def test_a_killed_producer_s_documents_are_taken_over(kafka_cfg, tiny_llama_dir,
     assert "revoked" in log_of(tmp_path, "k1") + log_of(tmp_path, "k2")
 
 
+def test_two_feeders_started_together_cannot_both_run(kafka_cfg):
+    """Both watch the lock topic in silence for the same ttl: the partition's order of their claims decides, so
+    exactly one takes the topic and the other refuses naming it (three rounds, each on its own topic)."""
+    import threading
+
+    from streamd.stream.text_topic import FeederLock, FeederLockHeld
+
+    for round_ in range(3):
+        locks = [FeederLock(kafka_cfg, f"texts-race-{round_}", ttl=2.0) for _ in range(2)]
+        outcome: dict[int, object] = {}
+
+        def take(i: int) -> None:
+            try:
+                locks[i].acquire()
+                outcome[i] = "held"
+            except FeederLockHeld as e:
+                outcome[i] = e
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        try:
+            held = [i for i, o in outcome.items() if o == "held"]
+            assert len(outcome) == 2 and len(held) == 1, outcome
+            refused = outcome[1 - held[0]]
+            assert locks[held[0]].owner in str(refused) and "claimed it first" in str(refused)
+        finally:
+            for lock in locks:
+                lock.release()
+
+
 def test_feeder_restart_skips_nothing_and_a_second_feeder_refuses(kafka_cfg, tmp_path):
     n_docs = 60000  # enough that the first feeder is still feeding when the second one has started and refused
     corpus(tmp_path / "docs.txt", n_docs)

@@ -151,10 +151,13 @@ def test_poison_messages_are_counted_and_skipped(kafka_cfg, tmp_path):
     assert t.tokens == 2048 and _value(t.metrics.tokens_trained, sae="t") == 2048
 
 
+NO_BACKOFF = dict(retry_seconds=1e-3, retry_max_seconds=1e-3)  # a failed checkpoint is tried again at the next step
+
+
 def test_enospc_at_checkpoint_keeps_previous_and_training_goes_on(kafka_cfg, tmp_path, monkeypatch):
     publish(kafka_cfg, random_acts(12000, 16, seed=5), tokens_per_msg=50)
     run = tmp_path / "run"
-    t = Trainer(trainer_config(kafka_cfg, run, every_tokens=1024, max_tokens=6144))
+    t = Trainer(trainer_config(kafka_cfg, run, every_tokens=1024, max_tokens=6144, checkpoints=NO_BACKOFF))
     real_write, calls = checkpoints.write_bytes, {"n": 0}
 
     def failing(path, data):
@@ -283,7 +286,8 @@ def test_full_disk_for_history_trace_and_checkpoints_training_goes_on(kafka_cfg,
     monkeypatch.setattr(MetricsHistory, "append", failing(MetricsHistory.append))
     monkeypatch.setattr(trainer_mod.TraceFile, "write", failing(trainer_mod.TraceFile.write))
     monkeypatch.setattr(checkpoints, "write_bytes", failing(checkpoints.write_bytes))
-    t = Trainer(trainer_config(kafka_cfg, run, every_tokens=512, trace_file=tmp_path / "trace.jsonl"),
+    t = Trainer(trainer_config(kafka_cfg, run, every_tokens=512, trace_file=tmp_path / "trace.jsonl",
+                               checkpoints=NO_BACKOFF),
                 activation_file=tmp_path / "acts.npy", progress_every_s=0.0, on_progress=on_progress)
     with caplog.at_level("ERROR"):
         assert t.run() == 6000

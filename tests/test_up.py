@@ -81,9 +81,20 @@ def _alive(pid: int) -> bool:
 
 
 def test_up_with_two_producers_divides_a_text_topic(tiny_llama_dir, tmp_path):
-    """`streamd up --producers 2`: a feeder thread fills a text topic, both producers publish (disjoint documents:
-    each commits only its own partitions) and the trainer trains on both."""
+    """`streamd up --producers 2`: a feeder thread fills a text topic, both producers publish, and the trainer's
+    /metrics count tokens of each; the documents in the activation messages (their provenance headers) are
+    disjoint between the producers (each commits only its own text partitions)."""
     import re
+    import threading
+    import urllib.error
+
+    from kafka import TopicPartition
+
+    from streamd import wire
+    from streamd.config import KafkaConfig
+    from streamd.metrics import fetch_samples
+    from streamd.produce.provenance import decode_provenance
+    from streamd.stream.kafka import make_consumer
 
     run = tmp_path / "run"
     sets = [f"producer.model_path={tiny_llama_dir}", f"trainer.model_path={tiny_llama_dir}",
@@ -92,15 +103,60 @@ def test_up_with_two_producers_divides_a_text_topic(tiny_llama_dir, tmp_path):
             "producer.source.corpus=pydoc", "trainer.buffer_tokens=2048", "trainer.batch_size=256",
             "trainer.norm_estimate_tokens=512", "trainer.eval_tokens=0", "trainer.device=cpu",
             "trainer.saes=[{name: t, architecture: topk, expansion_factor: 2, k: 4}]", f"trainer.run_dir={run}",
-            "feed.partitions=4", "producer.max_lag_messages=100000"]
-    cmd = [sys.executable, "-m", "streamd", "up", "--producers", "2", "--max-tokens", "8192"]
+            "feed.partitions=4", "producer.max_lag_messages=100000", "producer.producer_id=up-test"]
+    cmd = [sys.executable, "-m", "streamd", "up", "--producers", "2", "--max-tokens", "10000000"]  # stopped below
     for s in sets:
         cmd += ["--set", s]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "stopped after" in out.stdout and "feeder" in out.stdout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+
+    def printed(pattern: str) -> str:
+        found = [m for line in list(lines) if (m := re.search(pattern, line))]
+        return found[0].group(1) if found else ""
+
+    pids = ("up-test-0", "up-test-1")
+    consumed: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while not (all(consumed.get(p, 0) > 0 for p in pids)):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.5)
+            url = printed(r"^metrics\s+(\S+)")
+            if url:
+                try:
+                    samples = fetch_samples(url)
+                except (OSError, urllib.error.URLError):
+                    continue
+                consumed = {labels["producer"]: v for labels, v in samples.get("streamd_tokens_consumed_total", [])}
+        assert set(consumed) == set(pids), consumed  # the trainer's per-producer counters: those two only
+        # every activation message so far, by producer: the text documents its tokens came from
+        kafka = KafkaConfig(bootstrap_servers=[printed(r"^broker\s+(\S+)")])
+        consumer = make_consumer(kafka, group_id=None)
+        parts = [TopicPartition(t, p) for t in sorted(consumer.topics()) if t.startswith("streamd.activations.g")
+                 for p in sorted(consumer.partitions_for_topic(t) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        docs: dict[str, set] = {p: set() for p in pids}
+        idle = 0
+        while idle < 4:
+            batch = consumer.poll(timeout_ms=500)
+            idle = 0 if batch else idle + 1
+            for recs in batch.values():
+                for r in recs:
+                    pid = wire.decode(r.value, check_finite=False).producer_id
+                    docs[pid] |= {(part, off) for part, off, _doc, _lo, _n in decode_provenance(r.headers)}
+        consumer.close()
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a final checkpoint, then up stops its producers and broker
+        code = proc.wait(timeout=120)
+    assert code == 0, "".join(lines)[-3000:]
+    assert all(docs[p] for p in pids), {p: len(d) for p, d in docs.items()}
+    shared = docs[pids[0]] & docs[pids[1]]
+    assert not shared, f"{len(shared)} text records published by both producers, e.g. {sorted(shared)[:5]}"
+    assert "feeder" in "".join(lines)
     for i in range(2):
         log = (run / f"producer-{i}.log").read_text()
         assert re.search(r"text partitions assigned: \[\d", log), log[-2000:]
         published = re.search(r"published (\d+) tokens", log)
-        assert published and int(published.group(1)) > 0, log[-2000:]
+        assert published and int(published.group(1)) >= consumed[pids[i]], log[-2000:]

@@ -351,7 +351,8 @@ def _full_disk(tmp: Path, mnt: Path, tokens: int) -> Row:
     if rc != 0 or corrupt or final_off != {"file:acts.npy": {0: tokens}}:
         lost = lost or -1
     note = (f"exit {rc}; full: {phases['full']['ck_fail']:.0f} checkpoint and {phases['full']['hist_fail']:.0f} "
-            f"history writes failed, training went on; nearly full: {phases['nearly full']['ck_ok']:.0f} "
+            f"history writes failed ({text.count('next attempt in')} checkpoint failures logged, back-off "
+            f"{cfg.checkpoints.retry_seconds:.0f} s doubling), training went on; nearly full: {phases['nearly full']['ck_ok']:.0f} "
             f"checkpoints written after freeing older ones ({text.count('freed older checkpoints')} retries logged); "
             f"{len(store.ids())} checkpoints verified, {corrupt} corrupt; {tokens - lost:,}/{tokens:,} tokens "
             f"trained ({extra} twice); final offsets {final_off}")

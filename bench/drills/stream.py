@@ -79,8 +79,8 @@ class _SentLog:
     def __enter__(self) -> _SentLog:
         orig, sent = self._orig, self.sent
 
-        def publish(pub, topic, key, value, n_tokens):
-            ok = orig(pub, topic, key, value, n_tokens)
+        def publish(pub, topic, key, value, n_tokens, *args, **kwargs):
+            ok = orig(pub, topic, key, value, n_tokens, *args, **kwargs)
             if ok:
                 msg = wire.decode(value, check_finite=False)
                 sent[(msg.producer_id, msg.seq)] = msg.n_tokens

@@ -20,7 +20,7 @@ from kafka.errors import KafkaError
 
 from streamd import wire
 from streamd.config import KafkaConfig, StreamdConfig
-from streamd.stream.kafka import ensure_topic, make_producer
+from streamd.stream.kafka import ensure_topic, knows_topic, make_producer
 from streamd.stream.retention import Retention, retention_for
 from streamd.metrics import ProducerMetrics, fetch_samples, publish_error_kind
 from streamd.identity import site_id
@@ -36,6 +36,10 @@ from streamd.stream.text_topic import Rebalanced, TextTopicReader
 log = logging.getLogger(__name__)
 
 LAG_STALL_SECONDS = 60
+TOPIC_CHECK_SECONDS = 1.0
+METADATA_WAIT_MS = 5000
+"""How long a send waits for a topic's metadata before it fails and is retried (kafka-python's default, 60 s, would
+stall the send loop that re-creates a lost topic)."""
 
 # Errors that no retry can fix: the producer stops with the error instead of retrying for ever.
 PERMANENT_ERRORS = (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError, kerr.TopicAuthorizationFailedError,
@@ -51,7 +55,8 @@ class Publisher:
         self.retention = retention or retention_for(kafka)
         self.fatal: BaseException | None = None  # an error no retry can fix; the producer stops on it
         self.partitions, self.max_request_size = partitions, max_request_size
-        self.producer = make_producer(kafka, max_request_size=max_request_size)
+        self.producer = self._new_producer()
+        self._topics_checked_at = 0.0
         self._slots = threading.BoundedSemaphore(capacity)
         self._outstanding = 0
         self._lock = threading.Lock()
@@ -85,6 +90,7 @@ class Publisher:
 
     def _send_loop(self) -> None:
         while not (self._closing.is_set() and self._outstanding == 0):
+            self._check_topics()
             try:
                 item = self._todo.get(timeout=0.2)
             except queue.Empty:
@@ -113,6 +119,23 @@ class Publisher:
                 continue
             fut.add_callback(lambda _meta, n=n_tokens, size=len(value), t0=t0, cb=on_ack: self._acked(n, size, t0, cb))
             fut.add_errback(lambda e, item=item: self._retry(item, e))
+
+    def _new_producer(self):
+        return make_producer(self.kafka, max_request_size=self.max_request_size, max_block_ms=METADATA_WAIT_MS)
+
+    def _check_topics(self) -> None:
+        """While messages wait: a topic that dropped out of the producer's metadata (a memory broker restarted and
+        lost it) is created again with its partitions, at most once a second. No streamd client auto-creates a
+        topic (see ``streamd.stream.kafka``), so kafka-python would hold those messages until it timed out."""
+        if not self._outstanding or time.monotonic() - self._topics_checked_at < TOPIC_CHECK_SECONDS:
+            return
+        self._topics_checked_at = time.monotonic()
+        try:
+            for topic in self.topics:
+                if not knows_topic(self.producer, topic):
+                    ensure_topic(self.kafka, topic, self.partitions)
+        except KafkaError as e:  # the broker is away: checked again in a second
+            log.debug("checking topics failed: %s", e)
 
     def _acked(self, n_tokens: int, size: int, t0: float, on_ack=None) -> None:
         if on_ack is not None:
@@ -148,7 +171,7 @@ class Publisher:
         had_topics = bool(self.topics)
         self.topics = topics
         if had_topics and self._drain():
-            old, self.producer = self.producer, make_producer(self.kafka, max_request_size=self.max_request_size)
+            old, self.producer = self.producer, self._new_producer()
             old.close(timeout=5)
 
     def _drain(self, timeout: float | None = None) -> bool:

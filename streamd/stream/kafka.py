@@ -11,10 +11,19 @@ kafka-python's defaults move ~4 MB/s of such messages; these settings move ~250-
   producer-id state (a Tansu restart with memory storage; an expired producer id on Kafka): every later send fails
   with UnknownProducerIdError, then UnknownError. A stream of activations tolerates the rare duplicate a retry may
   cause; it does not tolerate a producer that never recovers.
+- No client creates a topic by asking for it (``allow_auto_create_topics=False``, applied by ``_refuse_auto_create``:
+  kafka-python 3.0 accepts the option but never hands it to its metadata, so every metadata request asks the broker
+  to create what it names). A memory broker that restarted would otherwise re-create a topic with its default
+  partition count (Tansu: 4) for the first client that asks; streamd creates topics only through ``ensure_topic``.
+- A producer sends nothing to a broker that came back without its topics (``_forget_topics_when_unreachable``):
+  Tansu with memory storage acknowledges records for a topic it lost, and nobody can ever read them.
+- A topic's identity is its topic id (metadata v10, Kafka >= 2.8 and Tansu): a topic created again under the same
+  name (a memory broker restarted) has a new id and a new log, and ``topic_ids`` lets a reader notice.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 from typing import Any
@@ -94,9 +103,12 @@ def make_producer(cfg: KafkaConfig, *, max_request_size: int, **overrides: Any) 
         "compression_type": None,
         "max_request_size": max_request_size,
         "batch_size": min(PRODUCER_BATCH_BYTES, max_request_size),
+        "allow_auto_create_topics": False,  # see module docstring
     }
     settings.update(overrides)
-    return KafkaProducer(**settings)
+    producer = _refuse_auto_create(KafkaProducer(**settings), settings["allow_auto_create_topics"])
+    _forget_topics_when_unreachable(producer)
+    return producer
 
 
 def make_consumer(cfg: KafkaConfig, *, group_id: str | None, **overrides: Any) -> KafkaConsumer:
@@ -111,9 +123,7 @@ def make_consumer(cfg: KafkaConfig, *, group_id: str | None, **overrides: Any) -
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
-        # Only producers and ensure_topic create topics: a consumer's metadata request racing ahead of them (say,
-        # right after a memory broker restarted) would create the topic with the broker's default partition count.
-        "allow_auto_create_topics": False,
+        "allow_auto_create_topics": False,  # see module docstring
         "fetch_max_bytes": FETCH_MAX_BYTES,
         "max_partition_fetch_bytes": MAX_PARTITION_FETCH_BYTES,
         # A fetch response may hold one oversized message beyond fetch_max_bytes.
@@ -123,7 +133,57 @@ def make_consumer(cfg: KafkaConfig, *, group_id: str | None, **overrides: Any) -
         "heartbeat_interval_ms": cfg.session_timeout_ms // 3,
     }
     settings.update(overrides)
-    return KafkaConsumer(**settings)
+    return _refuse_auto_create(KafkaConsumer(**settings), settings["allow_auto_create_topics"])
+
+
+def _cluster(client: KafkaProducer | KafkaConsumer):
+    """kafka-python 3.0's metadata cache of a producer or consumer (private: the one place that reaches it)."""
+    return client._metadata if isinstance(client, KafkaProducer) else client._client.cluster
+
+
+def _refuse_auto_create(client, allow: bool):
+    """Make the client's metadata requests carry ``allow_auto_create_topics`` (kafka-python 3.0 drops it)."""
+    _cluster(client).config["allow_auto_create_topics"] = allow
+    return client
+
+
+def _forget_topics_when_unreachable(producer: KafkaProducer) -> None:
+    """kafka-python keeps a topic's partition leaders across a broker restart and sends queued records as soon as it
+    reconnects, before a metadata refresh could show that the topic is gone. Here a broker connection that breaks
+    drops every topic's partitions from the producer's metadata at that moment, so records wait until a refresh lists
+    their topic again: once it exists again, created with its partitions by ``ensure_topic`` (the producer's own loop
+    does that). Only connections closed by an error count (an idle connection closed on purpose does not)."""
+    cluster = _cluster(producer)
+    manager = producer._sender._client._manager
+    get_connection = manager.get_connection
+
+    def forget(_exc) -> None:
+        with cluster._lock:
+            cluster._partitions = {}
+            cluster._broker_partitions = collections.defaultdict(set)
+
+    def get_connection_watched(node_id, *args, **kwargs):
+        new = node_id not in manager._conns
+        conn = get_connection(node_id, *args, **kwargs)
+        if new:
+            conn.close_future.add_errback(forget)
+        return conn
+
+    manager.get_connection = get_connection_watched
+
+
+def topic_ids(client: KafkaProducer | KafkaConsumer, topics) -> dict[str, str | None]:
+    """The id of each topic in the client's latest metadata (None: not in it, or a broker without topic ids), then a
+    metadata refresh is asked for, so the next call sees the broker as it is by then."""
+    cluster = _cluster(client)
+    ids = {t: cluster.topic_id(t) for t in topics}
+    cluster.request_update()
+    return {t: None if i is None else str(i) for t, i in ids.items()}
+
+
+def knows_topic(client: KafkaProducer | KafkaConsumer, topic: str) -> bool:
+    """Whether the client's latest metadata has partitions for ``topic`` (a lost topic drops out of it)."""
+    return bool(_cluster(client).partitions_for_topic(topic))
 
 
 def make_admin(cfg: KafkaConfig, **overrides: Any) -> KafkaAdminClient:

@@ -16,7 +16,10 @@ Two strategies behind one interface, chosen from the config in one place (``rete
   generation, the broker re-creates the topic: the reader is told (``take_recreated``), reads it from the start and
   releases it again like any other.
 
-Callers see only ``Retention`` and ``retention_for``; the generation naming stays in this module.
+A broker may also lose its log under a reader (a memory broker restarted): ``Retention.lost_logs`` judges which
+partitions to read again from the start, with ``TopicIdentity`` telling a topic created again under its old name.
+
+Callers see only ``Retention``, ``retention_for`` and ``TopicIdentity``; the generation naming stays in this module.
 """
 
 from __future__ import annotations
@@ -96,17 +99,54 @@ class Retention:
         return 0
 
     def lost_logs(self, ends: Mapping[SourceKey, int], positions: Mapping[SourceKey, int],
-                  committed: Mapping[SourceKey, int | None]) -> list[SourceKey]:
+                  committed: Mapping[SourceKey, int | None], recreated: Iterable[str] = ()) -> list[SourceKey]:
         """Partitions to read again from the start because the broker lost its log (a memory broker restarted).
 
         ``ends``: the log end of every assigned partition; ``positions``: the next offset to hand out;
-        ``committed``: the group's committed offset of each partition whose offset this reader committed. Lost:
-        every such committed offset gone, or an empty log where we had read. A consumer's position survives a lost
-        log, and a fetch past the end returns nothing, so without this a reader would wait for the new log to grow
-        past its old position.
+        ``committed``: the group's committed offset of each partition whose offset this reader committed;
+        ``recreated``: topics whose id changed (``TopicIdentity.changed``). Lost: every partition of a re-created
+        topic, every partition when each such committed offset is gone, or an empty log where we had read. A
+        consumer's position survives a lost log, and a fetch past the end returns nothing, so without this a
+        reader would wait for the new log to grow past its old position and never read the head of it.
         """
+        recreated = set(recreated)
         everything = bool(committed) and all(v is None for v in committed.values())
-        return [k for k, end in ends.items() if everything or (end == 0 and positions.get(k, 0) > 0)]
+        return [k for k, end in ends.items()
+                if k[0] in recreated or everything or (end == 0 and positions.get(k, 0) > 0)]
+
+
+class TopicIdentity:
+    """Remembers the id each topic had when a reader first saw it, to notice one created again under its name (a
+    memory broker that restarted, or a client that re-created a deleted topic): a new id is a new log, whose
+    offsets say nothing about the old one's. Topics without ids (brokers before Kafka 2.8) are never judged here.
+    For the reader's thread only."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, str] = {}
+
+    def changed(self, current: Mapping[str, str | None]) -> set[str]:
+        """Of ``current`` (topic -> its id now, None when the broker does not list it), the topics whose id is not
+        the one remembered; the new ids are remembered from now on. A topic the broker does not list now (lost,
+        not yet created again) is judged once it is back."""
+        out = set()
+        for topic, tid in current.items():
+            if tid is None:
+                continue
+            if self._ids.get(topic, tid) != tid:
+                out.add(topic)
+            self._ids[topic] = tid
+        return out
+
+    def confirmed(self, topic: str, tid: str | None) -> bool:
+        """Whether ``tid`` (the topic's id now) is the log this reader has read, so offsets of it may be committed:
+        False while the topic is gone or has a new id the reader has not yet reset to."""
+        known = self._ids.get(topic)
+        return known is None or known == tid
+
+    def forget(self, topics: Iterable[str]) -> None:
+        """Deleted on purpose (a released generation): a new one under the name is judged afresh."""
+        for topic in topics:
+            self._ids.pop(topic, None)
 
 
 class BrokerRetention(Retention):

@@ -13,9 +13,10 @@ commit is published again by the partition's next owner (a duplicate, never a ga
 
 The feeder's lock (``FeederLock``): a heartbeat record every ``ttl / 4`` seconds on ``TOPIC.feeder-lock`` (one
 partition). A starting feeder watches that topic for a ttl: a heartbeat of another feeder in that time means a live
-one holds the topic and it refuses; silence means the last one is dead and it takes over. It needs nothing but
-produce and fetch, so it works on Tansu and on Kafka alike. Two feeders started within one ttl of each other may
-both start (documented).
+one holds the topic and it refuses. Silence means the last one is dead: it claims the topic with its first heartbeat
+and reads on up to that record; another feeder's record before it (one that finished watching at the same time)
+claimed first, and it refuses. The partition's order decides, so of feeders started together exactly one runs. It
+needs nothing but produce and fetch, so it works on Tansu and on Kafka alike.
 """
 
 from __future__ import annotations
@@ -196,36 +197,53 @@ class FeederLock:
         self._producer = None
 
     def acquire(self) -> None:
+        """Take the topic, or raise FeederLockHeld naming the feeder that holds (or claimed) it."""
         ensure_topic(self.kafka, self.lock_topic, 1)
         consumer = make_consumer(self.kafka, group_id=None)
         tp = TopicPartition(self.lock_topic, 0)
         consumer.assign([tp])
         end = consumer.end_offsets([tp])[tp]
         consumer.seek(tp, max(0, end - 64))  # Tansu's end offset is low: read a little before it
-        started, deadline = time.time(), time.monotonic() + self.ttl
+        started = time.time()
         try:
-            while time.monotonic() < deadline:
-                for recs in consumer.poll(timeout_ms=200).values():
-                    for r in recs:
-                        try:
-                            beat = json.loads(r.value)
-                        except ValueError:
-                            continue
-                        # another feeder's beat written while we watch: it is alive (a dead one's beats stop)
-                        if beat.get("owner") != self.owner and beat.get("ts", 0) >= started - 0.5:
-                            raise FeederLockHeld(
-                                f"another feeder ({beat.get('owner')}) is feeding {self.lock_topic[:-13]} "
-                                f"(it heartbeats on {self.lock_topic}); one feeder per text topic")
+            self._read(consumer, started, until=lambda r: False, deadline=time.monotonic() + self.ttl,
+                       why="is feeding")
+            self._producer = make_producer(self.kafka, max_request_size=2**16)
+            claim = self._beat()  # silence for a ttl: claim the topic, then see whether another claimed first
+            if not self._read(consumer, started, until=lambda r: r.offset >= claim.offset,
+                              deadline=time.monotonic() + max(self.ttl, 30.0), why="claimed it first and is feeding"):
+                raise RuntimeError(f"the feeder's claim on {self.lock_topic} (offset {claim.offset}) could not be "
+                                   "read back; is the broker answering fetches?")
+        except BaseException:
+            self.release()
+            raise
         finally:
             consumer.close()
-        self._producer = make_producer(self.kafka, max_request_size=2**16)
-        self._beat()
         self._thread = threading.Thread(target=self._run, name="streamd-feeder-lock", daemon=True)
         self._thread.start()
 
-    def _beat(self) -> None:
-        self._producer.send(self.lock_topic, json.dumps({"owner": self.owner, "ts": time.time()}).encode())
-        self._producer.flush(timeout=10)
+    def _read(self, consumer, started: float, until, deadline: float, why: str) -> bool:
+        """Read the lock topic until ``until(record)`` (True) or the deadline (False); another feeder's record
+        written since we started (a dead one's beats stop) means it holds the topic: raise."""
+        while time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=200).values():
+                for r in recs:
+                    if until(r):
+                        return True
+                    try:
+                        beat = json.loads(r.value)
+                    except ValueError:
+                        continue
+                    if beat.get("owner") != self.owner and beat.get("ts", 0) >= started - 0.5:
+                        raise FeederLockHeld(
+                            f"another feeder ({beat.get('owner')}) {why} {self.lock_topic[:-13]} (it heartbeats "
+                            f"on {self.lock_topic}); one feeder per text topic")
+        return False
+
+    def _beat(self):
+        """One heartbeat, acknowledged; returns its record metadata (offset)."""
+        return self._producer.send(
+            self.lock_topic, json.dumps({"owner": self.owner, "ts": time.time()}).encode()).get(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.wait(self.ttl / 4):

@@ -86,7 +86,11 @@ Gather = Callable[[Offsets, Offsets], tuple[Offsets, Offsets] | None]  # (resume
 
 
 class Checkpointer:
-    """Data-parallel, ``gather`` collects every rank's resume offsets on rank 0 (``Collective.gather_offsets``):
+    """Writes checkpoints; after a failure (a full disk) the next attempt waits ``checkpoints.retry_seconds``,
+    doubling with each failure in a row up to ``retry_max_seconds``, so a disk that stays full costs one attempt
+    and one log line per back-off, not one per checkpoint interval. The last good checkpoint is never touched.
+
+    Data-parallel, ``gather`` collects every rank's resume offsets on rank 0 (``Collective.gather_offsets``):
     rank 0 writes the checkpoint and commits every partition's offset (any member of a group may commit any
     partition); the other ranks only hand their offsets over."""
 
@@ -94,19 +98,24 @@ class Checkpointer:
                  retention: Retention, site_id: int | None, gather: Gather | None = None) -> None:
         self.cfg, self.store, self.metrics, self.retention, self.site_id = cfg, store, metrics, retention, site_id
         self.gather = gather
+        self.clock = time.monotonic  # tests replace it
+        self.failures = 0  # in a row
+        self._retry_at = 0.0
 
-    def write(self, tokens: int, intake: Intake, learners: dict[str, Learner]) -> Path | None:
-        """Checkpoint now; None when there is nothing to save yet, the write failed (training goes on), or on a
-        rank other than 0."""
+    def write(self, tokens: int, intake: Intake, learners: dict[str, Learner], *, final: bool = False) -> Path | None:
+        """Checkpoint now; None when there is nothing to save yet, the write failed or a failure's back-off is not
+        over (training goes on), or on a rank other than 0. ``final`` (the run ends): tried even during a back-off."""
         if not learners:
             return None
         t0 = time.monotonic()
         offsets, positions = intake.resume_offsets()
-        if self.gather is not None:
+        if self.gather is not None:  # every rank takes part, whatever rank 0 then decides: no unmatched collective
             merged = self.gather(offsets, positions)
             if merged is None:
                 return None
             offsets, positions = merged
+        if not final and self.clock() < self._retry_at:
+            return None
         nested: dict[str, dict[int, int]] = {}
         for (topic, part), off in offsets.items():
             nested.setdefault(topic, {})[part] = off
@@ -130,9 +139,19 @@ class Checkpointer:
         try:
             path = self.store.write(tokens, exports, state, nested, manifest, tcfg.site.hook_name)
         except CheckpointError as e:
-            log.error("checkpoint at %d tokens failed, training continues: %s", tokens, e)
+            ck = self.cfg.checkpoints
+            self.failures += 1
+            delay = min(ck.retry_seconds * 2 ** (self.failures - 1), ck.retry_max_seconds)
+            self._retry_at = self.clock() + delay
             self.metrics.checkpoint_failures.inc()
+            self.metrics.checkpoint_retry_seconds.set(delay)
+            log.error("checkpoint at %d tokens failed (%d in a row), training continues; the last good checkpoint "
+                      "stays; next attempt in %.0f s: %s", tokens, self.failures, delay, e)
             return None
+        if self.failures:
+            log.info("checkpoint written again after %d failed attempt(s)", self.failures)
+        self.failures, self._retry_at = 0, 0.0
+        self.metrics.checkpoint_retry_seconds.set(0)
         intake.source.commit(offsets)
         self.retention.release(offsets, positions)
         self.metrics.checkpoints.inc()

@@ -19,8 +19,8 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from streamd import wire
 from streamd.config import KafkaConfig
 from streamd.metrics import TrainerMetrics
-from streamd.stream.kafka import make_consumer
-from streamd.stream.retention import Retention, retention_for
+from streamd.stream.kafka import make_consumer, topic_ids
+from streamd.stream.retention import Retention, TopicIdentity, retention_for
 from streamd.train.distributed import partition_share
 from streamd.train.source import Chunk, SourceKey, TokenQueue, staged
 
@@ -77,6 +77,7 @@ class KafkaActivationSource:
         self._lag_at = 0.0
         self._follow_at = 0.0
         self._recreated: set[str] = set()  # topics a late record re-created after their release: read from the start
+        self._identity = TopicIdentity()  # topic ids seen: a new one means the broker lost the log
 
     def start(self) -> None:
         self._thread.start()
@@ -125,7 +126,7 @@ class KafkaActivationSource:
                         elif self.share:
                             self._assign_share(consumer)
                         self._maybe_commit(consumer)
-                        self._check_broker(consumer)
+                        consumer = self._check_broker(consumer)
                         polled = consumer.poll(timeout_ms=200)
                         fresh = self._position_assigned(consumer)
                     except KafkaError as e:  # a broker that went away: keep trying, it may come back
@@ -191,7 +192,13 @@ class KafkaActivationSource:
         self._commit(consumer, req or {})
 
     def _commit(self, consumer, req: dict[SourceKey, int]) -> None:
+        # Never offsets of a lost log onto its successor: past what we handed out (asked for before a reset), or of
+        # a topic whose id is not the one we read (the reset is still to come).
         req = {k: v for k, v in req.items() if not self.retention.is_released(k[0])}
+        if not req:
+            return
+        positions, ids = self.positions(), topic_ids(consumer, {t for t, _ in req})
+        req = {k: v for k, v in req.items() if v <= positions.get(k, v) and self._identity.confirmed(k[0], ids[k[0]])}
         if not req:
             return
         try:
@@ -201,15 +208,21 @@ class KafkaActivationSource:
         except KafkaError as e:  # the checkpoint holds these offsets too, and they win on resume
             log.warning("committing offsets to group %s failed: %s", self.group_id, e)
 
-    def _check_broker(self, consumer) -> None:
+    def _check_broker(self, consumer):
         """Every few seconds: consumer lag from end offsets (right on Kafka; low on Tansu, see README), and the
-        partitions whose log the broker lost (the retention strategy's judgement), read again from the start."""
+        partitions whose log the broker lost (the retention strategy's judgement), read again from the start.
+        Returns the consumer to use next."""
         if time.monotonic() - self._lag_at < LAG_CHECK_SECONDS:
-            return
+            return consumer
         self._lag_at = time.monotonic()
         parts = consumer.assignment()
+        # a subscription is watched even while nothing is assigned (the topic is gone, or the group rebalances)
+        watched = {tp.topic for tp in parts} if self.retention.rotates else {self.topic}
+        recreated = self._identity.changed(topic_ids(consumer, watched))
+        if recreated and not self.retention.rotates:
+            return self._rejoin(consumer, recreated)
         if not parts:
-            return
+            return consumer
         ends = {(tp.topic, tp.partition): end for tp, end in consumer.end_offsets(list(parts)).items()}
         positions = self.positions()
         committed = {(tp.topic, tp.partition): consumer.committed(tp)
@@ -217,15 +230,42 @@ class KafkaActivationSource:
         for (topic, part), end in ends.items():
             pos = positions.get((topic, part), 0)
             self.metrics.consumer_lag.labels(topic=topic, partition=str(part)).set(max(end - pos, 0))
-        lost = self.retention.lost_logs(ends, positions, committed)
-        for topic, part in lost:
-            log.warning("%s[%d]: the broker lost its log (position %d, end %d): reading from the earliest",
-                        topic, part, positions.get((topic, part), 0), ends[(topic, part)])
+        lost = self.retention.lost_logs(ends, positions, committed, recreated)
+        for key in lost:
+            consumer.seek_to_beginning(TopicPartition(*key))
+        self._start_over(lost, recreated, ends)
+        return consumer
+
+    def _start_over(self, keys, recreated: set[str], ends: dict[SourceKey, int]) -> None:
+        """These partitions' log is lost: their positions go to the new log's start (0), counted and logged."""
+        positions = self.positions()
+        for topic, part in keys:
+            log.warning("%s[%d]: the broker lost its log (%s; position %d, end %s): reading the new log from its "
+                        "start", topic, part, "the topic was created again" if topic in recreated else
+                        "its log or committed offsets are gone", positions.get((topic, part), 0),
+                        ends.get((topic, part), "unknown"))
             self.metrics.offset_resets.inc()
-            consumer.seek_to_beginning(TopicPartition(topic, part))
+            self.metrics.lost_logs.inc()
+            self.reread_below.pop((topic, part), None)
             with self._lock:
                 self._positions[(topic, part)] = self._placed[(topic, part)] = 0
-        self._committed_parts -= set(lost)  # their commits went with the log: judged again once re-committed
+        self._committed_parts -= set(keys)  # their commits went with the log: judged again once re-committed
+
+    def _rejoin(self, consumer, topics: set[str]):
+        """The topic read was created again (a memory broker restarted): every partition of it starts over
+        at the new log's start, read by a new group member. The old member must go: a restarted Tansu answers its
+        SyncGroup with the assignment of an earlier generation (empty, if the topic was missing then), and the
+        group lost its state anyway. Returns the new consumer."""
+        keys = sorted(k for k in self.positions() if k[0] in topics)
+        self._start_over(keys, topics, {})
+        self._fresh = {tp for tp in self._fresh if tp.topic not in topics}
+        consumer.close(autocommit=False)
+        consumer = self._new_consumer()
+        if self.share:  # data-parallel: no membership; this rank's partitions are assigned again at the next round
+            self._follow_at = 0.0
+        else:
+            consumer.subscribe([self.topic], listener=_Rebalance(self, consumer))
+        return consumer
 
     def _follow(self, consumer):
         """Rotating topics: assign every partition of every topic to follow, checked every few seconds. A group
@@ -235,6 +275,7 @@ class KafkaActivationSource:
         if released:
             consumer = self._drop(consumer, released)
             self._recreated -= released
+            self._identity.forget(released)
         if time.monotonic() - self._follow_at < FOLLOW_CHECK_SECONDS:
             return consumer
         topics = self.retention.topics_to_follow(self.topic, consumer.topics())
@@ -242,6 +283,7 @@ class KafkaActivationSource:
         if back:
             self.metrics.generations_recreated.inc(len(back))
             self._recreated |= back
+            self._identity.forget(back)  # read from the start below, not reset again as a lost log
             # the consumer may still hold positions on the deleted topics: place them again from the start
             self._fresh |= {tp for tp in consumer.assignment() if tp.topic in back}
         self._follow_at = time.monotonic()
@@ -285,14 +327,7 @@ class KafkaActivationSource:
             for key in [k for k in self._placed if k[0] in topics]:
                 del self._placed[key]
         self.metrics.generations_retired.inc(self.retention.delete(topics))
-        while True:
-            try:
-                consumer = make_consumer(self.kafka, group_id=self.group_id)
-                break
-            except KafkaError as e:
-                log.warning("re-creating the consumer failed, retrying: %s", e)
-                if self._stop.wait(1.0):
-                    raise
+        consumer = self._new_consumer()
         consumer.assign(keep)
         positions = self.positions()
         for tp in keep:
@@ -301,6 +336,15 @@ class KafkaActivationSource:
             else:
                 self._fresh.add(tp)
         return consumer
+
+    def _new_consumer(self):
+        while True:
+            try:
+                return make_consumer(self.kafka, group_id=self.group_id)
+            except KafkaError as e:
+                log.warning("re-creating the consumer failed, retrying: %s", e)
+                if self._stop.wait(1.0):
+                    raise
 
     def _position_assigned(self, consumer) -> set[TopicPartition]:
         """Place newly assigned partitions (paused by the listener): checkpoint offsets win over the group's

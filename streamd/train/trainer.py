@@ -347,7 +347,7 @@ class Trainer:
                 self._record(self.cadence.recorded(self.tokens, time.monotonic()))  # the final state, if not yet
             if self.learners and self.cadence.unsaved(self.tokens):
                 self.evaluate()
-                self.checkpoint()
+                self.checkpoint(final=True)
             if self.collective is not None:
                 self.collective.close()
         finally:
@@ -456,12 +456,12 @@ class Trainer:
             self._record(self.cadence.recorded(self.tokens, now))
 
     def _maybe_checkpoint(self, now: float) -> None:
-        if self.cadence.checkpoint_due(self.tokens, now):
-            self.checkpoint()
+        # one that failed (or waits out a failure's back-off) stays due: tried again once the back-off is over
+        if self.cadence.checkpoint_due(self.tokens, now) and self.checkpoint() is not None:
             self.cadence.checkpointed(self.tokens)
 
-    def checkpoint(self) -> Path | None:
-        return self.checkpointer.write(self.tokens, self.intake, self.learners)
+    def checkpoint(self, final: bool = False) -> Path | None:
+        return self.checkpointer.write(self.tokens, self.intake, self.learners, final=final)
 
     def _record(self, rate: float) -> None:
         """The progress cadence: read the last step's statistics once, then gauges, history and progress line."""
