@@ -32,6 +32,11 @@ FEED_FLAGS = {
     "--state": ("feed.state_path", str, "file of the feeder's position (a restarted feeder continues there)"),
     "--max-documents": ("feed.max_documents", int, "stop after feeding this many documents"),
 }
+INSPECT_FLAGS = {
+    "--port": ("inspect.port", int, "port of the feature browser, its API and /metrics (0: a free one)"),
+    "--every-seconds": ("inspect.every_seconds", float, "at most one inspection per this many seconds"),
+    "--tokens": ("inspect.tokens", int, "held-out tokens per inspection"),
+}
 TRAIN_FLAGS = {
     "--run-dir": ("trainer.run_dir", str, "run directory (checkpoints, metrics history, lock)"),
     "--group": ("trainer.group_id", str, "Kafka consumer group of this run"),
@@ -201,6 +206,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_features(args) -> int:
+    from streamd.client.evaluate import fetch_checkpoint
+    from streamd.inspect.inspection import build_inspector
+    from streamd.inspect.static import write_static
+
+    cfg = _config(args)
+    found = fetch_checkpoint(cfg, args.checkpoint, token_file=args.token_file, cafile=args.cafile)
+    print(write_static(build_inspector(cfg).inspect(found), args.out))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from streamd.inspect.follow import InspectorRole
+    from streamd.inspect.inspection import build_inspector
+
+    cfg = _config(args)
+    role = InspectorRole(cfg, build_inspector(cfg), args.target, token_file=args.token_file, cafile=args.cafile)
+    _on_signals(role.stop)
+    role.run()
+    return 0
+
+
 def cmd_replay(args) -> int:
     from streamd.produce.replay import replay
 
@@ -282,6 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token_args(p)
     p.add_argument("--device", default="auto", help="where the model and SAEs run (auto: a GPU when there is one)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("features", help="feature dashboards of a checkpoint's SAEs as static HTML + JSON")
+    _add_config_args(p, PRODUCE_FLAGS)
+    p.add_argument("checkpoint", help="SAE, checkpoint or run dir, or a trainer's URL")
+    p.add_argument("--out", type=Path, required=True, help="directory for index.html, SAE pages and JSON")
+    _add_token_args(p)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("inspect", help="follow a trainer, inspect each new checkpoint, serve the feature browser")
+    _add_config_args(p, PRODUCE_FLAGS, INSPECT_FLAGS)
+    p.add_argument("target", help="a trainer's URL or a run directory")
+    _add_token_args(p)
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("replay", help="publish a cached activation file (.npy/.safetensors) in the wire format")
     _add_config_args(p)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
+from streamd.client import locate
 from streamd.client.evaluate import site_baseline
 from streamd.config import InspectConfig, SiteSpec
 from streamd.inspect.inspection import Inspector
@@ -127,7 +128,7 @@ def test_planted_feature_tops_its_latent_in_json_and_html(planted_dir, tmp_path)
     windows = sample_windows(loaded.tokenizer, iter(DOCS), CONTEXT, 2048)
     published = torch.cat([w.input_ids[w.keep_mask] for w in windows])
     cfg = InspectConfig(top_n=5, context_window=4)
-    dash = Inspector(loaded, windows, cfg).inspect(ckpt)["planted"]
+    dash = Inspector(loaded, windows, cfg).inspect(locate.resolve(ckpt))["planted"]
     assert dash["checkpoint"] == ckpt.name and dash["hook"] == "blocks.0.hook_resid_post"
     lat = dash["latents"]["0"]
     assert len(lat["top"]) == 5 and all(e["tokens"][e["center"]] == " the" for e in lat["top"])
@@ -154,7 +155,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(loaded, tmp_path):
     inspector = Inspector(loaded, windows, InspectConfig())
     narrow = write_checkpoint(tmp_path / "a", "blocks.1.hook_resid_post", random_sae(32, 8, 0.1), "narrow")
     with pytest.raises(ValueError, match=r"narrow .*d_in 32, the model's d_model is 64"):
-        inspector.inspect(narrow)
+        inspector.inspect(locate.resolve(narrow))
     deep = write_checkpoint(tmp_path / "b", "blocks.9.hook_resid_post", random_sae(64, 8, 0.1), "deep")
     with pytest.raises(ValueError, match=r"blocks\.9\.hook_resid_post, the model has layers 0\.\.3"):
-        inspector.inspect(deep)
+        inspector.inspect(locate.resolve(deep))

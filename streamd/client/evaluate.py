@@ -204,6 +204,22 @@ def held_out_texts(cfg: StreamdConfig, n_docs: int, skip_docs: int = EVAL_SKIP_D
     return docs[skip_docs:] if len(docs) == skip_docs + n_docs else docs[-n_docs:]
 
 
+def checkpoint_token(cfg: StreamdConfig, token: str | None = None, token_file: str | Path | None = None) -> str | None:
+    """The token for a trainer's URL: ``token``, else ``token_file``'s, else ``$STREAMD_CHECKPOINT_TOKEN``, else
+    ``metrics.checkpoint_token`` (the run's own)."""
+    own = cfg.metrics.checkpoint_token
+    return resolve_token(token, token_file) or (own.get_secret_value() if own else None)
+
+
+def fetch_checkpoint(cfg: StreamdConfig, checkpoint: str | Path, *, token: str | None = None,
+                     token_file: str | Path | None = None, cafile: str | Path | None = None,
+                     cache_dir: Path | None = None) -> locate.Located:
+    """Every SAE ``checkpoint`` names; a trainer's URL is pulled whole first (:func:`checkpoint_token`)."""
+    if locate.is_url(checkpoint):
+        token = checkpoint_token(cfg, token, token_file)
+    return locate.resolve(locate.fetch(checkpoint, token=token, cafile=cafile, cache_dir=cache_dir))
+
+
 def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
                     skip_docs: int = EVAL_SKIP_DOCS, *, token: str | None = None,
                     token_file: str | Path | None = None, cafile: str | Path | None = None,
@@ -218,10 +234,7 @@ def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
     batch_size) and runs on ``device`` (``auto``: a GPU when there is one; not ``producer.device``: an evaluation is
     not a producer); the site from each SAE's ``hook_name``; the text from :func:`held_out_texts`.
     """
-    if locate.is_url(checkpoint):
-        own = cfg.metrics.checkpoint_token
-        token = resolve_token(token, token_file) or (own.get_secret_value() if own else None)
-    found = locate.resolve(locate.fetch(checkpoint, token=token, cafile=cafile))
+    found = fetch_checkpoint(cfg, checkpoint, token=token, token_file=token_file, cafile=cafile)
     sae_dirs, manifest = found.saes, found.manifest
     p = cfg.producer
     configure_threads(p.torch_threads)

@@ -9,21 +9,34 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from streamd.client import locate
 from streamd.client.evaluate import SiteBaseline, check_fits, site_baseline, site_of, spliced_scores
 from streamd.client.load import load_sae
-from streamd.config import InspectConfig, SiteSpec
+from streamd.config import InspectConfig, SiteSpec, StreamdConfig
 from streamd.inspect.dashboard import build_dashboard, select_latents
 from streamd.inspect.logits import logit_effects
 from streamd.inspect.stats import SampleLayout, latent_stats
-from streamd.produce.model import LoadedModel
+from streamd.inspect.sample import held_out_source, held_out_texts, sample_windows
+from streamd.produce.model import LoadedModel, load_frozen_model
 from streamd.produce.packing import Window
 from streamd.sae.quality import fvu_l0
+from streamd.torch_utils import configure_threads, resolve_device
 
 log = logging.getLogger(__name__)
+
+
+def build_inspector(cfg: StreamdConfig) -> Inspector:
+    """The model of ``cfg.producer`` (model_path, dtype, context_length, batch_size, torch_threads) on
+    ``inspect.device`` and ``inspect.tokens`` of held-out text (:mod:`streamd.inspect.sample`)."""
+    p = cfg.producer
+    configure_threads(p.torch_threads)
+    loaded = load_frozen_model(p.model_path, p.dtype, resolve_device(cfg.inspect.device))
+    windows = sample_windows(loaded.tokenizer, held_out_texts(cfg), p.context_length, cfg.inspect.tokens)
+    log.info("inspector: %d windows of held-out text (%s)", len(windows), held_out_source(cfg)[0].model_dump(
+        exclude_defaults=True))
+    return Inspector(loaded, windows, cfg.inspect, p.batch_size)
 
 
 class Inspector:
@@ -40,10 +53,9 @@ class Inspector:
             self._sites[key] = (base, SampleLayout.of(base, self.cfg.context_window))
         return self._sites[key]
 
-    def inspect(self, checkpoint: str | Path) -> dict[str, dict[str, Any]]:
-        """Dashboards by SAE name of every SAE that ``checkpoint`` (a local path) names."""
-        found = locate.resolve(checkpoint)
-        ckid = found.manifest.get("id") or Path(checkpoint).name
+    def inspect(self, found: locate.Located) -> dict[str, dict[str, Any]]:
+        """Dashboards by SAE name of every SAE ``found`` (see :func:`streamd.client.evaluate.fetch_checkpoint`)."""
+        ckid = found.manifest.get("id") or next(iter(found.saes.values())).name
         out = {}
         for name, sae_dir in found.saes.items():
             t0 = time.monotonic()
