@@ -159,3 +159,26 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(loaded, tmp_path):
     deep = write_checkpoint(tmp_path / "b", "blocks.9.hook_resid_post", random_sae(64, 8, 0.1), "deep")
     with pytest.raises(ValueError, match=r"blocks\.9\.hook_resid_post, the model has layers 0\.\.3"):
         inspector.inspect(locate.resolve(deep))
+
+
+def test_the_default_held_out_text_is_not_what_the_producers_read(tmp_path):
+    from streamd.config import FeedConfig, ProducerConfig, SourceConfig, StreamdConfig
+    from streamd.inspect.sample import held_out_source, held_out_texts
+    from streamd.produce.feed import held_out
+
+    assert held_out_source(StreamdConfig())[0].corpus == "pydoc"  # the producers read kjv by default
+    pydoc = StreamdConfig(producer=ProducerConfig(source=SourceConfig(corpus="pydoc")))
+    assert held_out_source(pydoc)[0].corpus == "kjv"
+    fed_pydoc = StreamdConfig(producer=ProducerConfig(source=SourceConfig(kind="kafka", topic="t")),
+                              feed=FeedConfig(source=SourceConfig(corpus="pydoc")))
+    assert held_out_source(fed_pydoc)[0].corpus == "kjv"
+
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(DOCS))
+    feeder = StreamdConfig(producer=ProducerConfig(source=SourceConfig(kind="kafka", topic="t")),
+                           feed=FeedConfig(source=SourceConfig(kind="files", paths=[str(text)]), holdout_fraction=0.3))
+    docs = list(held_out_texts(feeder))
+    assert docs and all(held_out(d, 0.3) for d in docs)  # the feeder's held-out slice: never published
+    assert len(docs) < len(list(held_out_texts(StreamdConfig(inspect=InspectConfig(source=feeder.feed.source)))))
+    with pytest.raises(ValueError, match="kafka text topic"):
+        list(held_out_texts(StreamdConfig(inspect=InspectConfig(source=SourceConfig(kind="kafka", topic="t")))))
