@@ -13,11 +13,11 @@ from typing import Any
 
 from streamd.inspect.html import SORTS, Links, home_page, index_page, latent_page
 
-_LINKS_FROM_SAE = Links(sae_index=lambda _n, s: "index.html" if s == "index" else f"index-{s}.html",
+SAE_LINKS = Links(sae_index=lambda _n, s: "index.html" if s == "index" else f"index-{s}.html",
                         latent=lambda _n, i: f"latent/{i}.html", home=lambda: "../index.html")
-_LINKS_FROM_LATENT = Links(sae_index=lambda _n, s: "../" + _LINKS_FROM_SAE.sae_index(_n, s),
+_LINKS_FROM_LATENT = Links(sae_index=lambda _n, s: "../" + SAE_LINKS.sae_index(_n, s),
                            latent=lambda _n, i: f"{i}.html", home=lambda: "../../index.html")
-_LINKS_FROM_HOME = Links(sae_index=lambda n, s: f"{n}/" + _LINKS_FROM_SAE.sae_index(n, s),
+_LINKS_FROM_HOME = Links(sae_index=lambda n, s: f"{n}/" + SAE_LINKS.sae_index(n, s),
                          latent=lambda n, i: f"{n}/latent/{i}.html", home=lambda: "index.html")
 
 
@@ -29,7 +29,7 @@ def write_static(dashboards: dict[str, dict[str, Any]], out: Path) -> Path:
         (d / "latent").mkdir(parents=True, exist_ok=True)
         (d / "dashboard.json").write_text(json.dumps(dash))
         for sort in SORTS:
-            (d / _LINKS_FROM_SAE.sae_index(name, sort)).write_bytes(index_page(dash, sort, _LINKS_FROM_SAE))
+            (d / SAE_LINKS.sae_index(name, sort)).write_bytes(index_page(dash, sort, SAE_LINKS))
         for i in dash["latents"]:
             (d / "latent" / f"{i}.html").write_bytes(latent_page(dash, int(i), _LINKS_FROM_LATENT))
     (out / "index.html").write_bytes(home_page(dashboards, _LINKS_FROM_HOME))
