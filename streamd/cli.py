@@ -58,7 +58,7 @@ def _add_config_args(p: argparse.ArgumentParser, *flag_sets: dict) -> None:
 
 
 def _config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> StreamdConfig:
-    overrides = {k: v for k, v in vars(args).items() if "." in k or k == "producer_count"}
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("producer_count", "up_inspector")}
     return load_config(args.config, overrides, args.set, defaults=defaults)
 
 
@@ -169,6 +169,10 @@ UP_DEFAULTS: dict[str, Any] = {
     # generation grace: kafka.delivery_timeout_ms (120 s) + kafka.clock_skew_seconds (30 s).
     "kafka.generation_seconds": 180,
     "producer.max_lag_messages": 128,
+    # the inspector beside them (bench/README.md, bench_inspect.py): a small held-out sample, one inspection at most
+    # every 10 minutes, so it takes a few percent of the two cores the producer and the trainer share
+    "inspect.tokens": 4096,
+    "inspect.every_seconds": 600,
 }
 
 
@@ -284,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after training this many tokens, with a final export")
     p.add_argument("--producers", dest="producer_count", type=int,
                    help="producer processes; above 1 a feeder fills a text topic that they divide")
+    p.add_argument("--no-inspector", dest="up_inspector", action="store_false", default=None,
+                   help="do not start the inspector (feature browser)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("pull", help="download the latest checkpoint from a running trainer")

@@ -479,6 +479,8 @@ class StreamdConfig(BaseSettings):
     inspect: InspectConfig = Field(default_factory=InspectConfig)
     producer_count: int = Field(1, ge=1, le=64, description="streamd up: producer processes; above 1 they divide "
                                 "a text topic a feeder thread fills from producer.source")
+    up_inspector: bool = Field(True, description="streamd up: also run an inspector process (the feature browser on "
+                               "inspect.port) following the run's checkpoints")
 
     @classmethod
     def settings_customise_sources(

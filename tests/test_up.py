@@ -92,13 +92,14 @@ def test_up_with_two_producers_divides_a_text_topic(tiny_llama_dir, tmp_path):
             "producer.source.corpus=pydoc", "trainer.buffer_tokens=2048", "trainer.batch_size=256",
             "trainer.norm_estimate_tokens=512", "trainer.eval_tokens=0", "trainer.device=cpu",
             "trainer.saes=[{name: t, architecture: topk, expansion_factor: 2, k: 4}]", f"trainer.run_dir={run}",
-            "feed.partitions=4", "producer.max_lag_messages=100000"]
+            "feed.partitions=4", "producer.max_lag_messages=100000", "inspect.port=0"]
     cmd = [sys.executable, "-m", "streamd", "up", "--producers", "2", "--max-tokens", "8192"]
     for s in sets:
         cmd += ["--set", s]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "stopped after" in out.stdout and "feeder" in out.stdout
+    assert re.search(r"inspector   pid \d+, log .*inspector.log; feature browser http://127.0.0.1:0/", out.stdout)
     for i in range(2):
         log = (run / f"producer-{i}.log").read_text()
         assert re.search(r"text partitions assigned: \[\d", log), log[-2000:]
