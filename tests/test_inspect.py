@@ -60,7 +60,10 @@ def test_top_n_equals_brute_force_and_memory_is_the_formula(loaded):
     stats = latent_stats(sae, base, SampleLayout.of(base, w), top_n=n, intervals=3, per_interval=2, bins=8)
 
     ids = torch.cat([b.ids for b in base.batches])
-    keep = torch.cat([b.keep for b in base.batches]).reshape(-1)
+    keep = torch.zeros(ids.numel(), dtype=torch.bool)
+    offsets = torch.tensor([0] + [b.ids.numel() for b in base.batches]).cumsum(0)
+    keep[torch.cat([b.keep_idx + o for b, o in zip(base.batches, offsets)])] = True
+    assert torch.equal(keep, torch.cat([w.keep_mask for w in windows]))
     dense = torch.zeros(ids.numel(), width)
     dense[keep] = sae.encode(base.acts)  # every published token's activations at once
     padded = torch.nn.functional.pad(ids, (w, w), value=PAD_ID)

@@ -112,6 +112,7 @@ def test_inspector_follows_a_trainer_through_an_outage(tiny_llama_dir, tmp_path:
         trainer = StatusServer("127.0.0.1", port, CollectorRegistry(), CheckpointStore(run, writer=False),
                                token="s3cret").start()
         wait_for(lambda: role.inspected == second and not role.problem, "the checkpoint after the outage")
+        assert [p.name for p in (tmp_path / "ins" / "pulls").glob("*/0*")] == [second]  # the older pull is gone
 
         trainer.stop()  # (so the inspector cannot pull the next checkpoint before it is tampered with)
         third = write_checkpoint(run, HOOK, random_sae(64, 24, 0.0, seed=3), "a")

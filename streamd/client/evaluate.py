@@ -47,8 +47,9 @@ class BaselineBatch:
     """One batch of windows and what its clean and zero-ablated passes left (all on the model's device)."""
 
     ids: Tensor  # [B, T] input ids
-    keep: Tensor  # [B, T] published positions (spliced, and the site's activations kept)
-    scored: Tensor  # [B, T-1] predictions whose input and target are both published
+    keep_idx: Tensor  # [n_keep] flat indices into [B*T] of the published positions (spliced, activations kept)
+    scored_idx: Tensor  # [n_scored] flat indices into [B*(T-1)] of predictions whose input and target are published
+    targets: Tensor  # [n_scored] the token each scored prediction should give
     hidden: Tensor  # [n_scored, d_model] clean input of the unembedding at the scored positions
     nll_clean: Tensor  # [n_scored] float32
     nll_zero: Tensor  # [n_scored] float32 (the site's output zeroed at the published positions)
@@ -74,26 +75,26 @@ class SiteBaseline:
 
 class _Splice:
     """A forward hook on the site: records its clean output at the published positions and, when ``replace`` is
-    set, substitutes ``replace(output)`` there."""
+    set, substitutes ``replace(output)`` there. Positions are flat indices (no boolean mask: no host sync)."""
 
     def __init__(self, loaded: LoadedModel, site: SiteSpec) -> None:
-        self.loaded, self.replace, self.keep, self.seen = loaded, None, None, None
+        self.loaded, self.replace, self.keep_idx, self.seen = loaded, None, None, None
         self._handle = site_module(loaded.model, site.site, site.layer).register_forward_hook(self._hook)
 
     def _hook(self, _module, _inputs, output):
         act = first_tensor(output)
-        self.seen = act[self.keep].float()
+        flat = act.reshape(-1, act.shape[-1])
+        self.seen = flat.index_select(0, self.keep_idx).float()
         if self.replace is None:
             return None
-        spliced = act.clone()
-        spliced[self.keep] = self.replace(self.seen).to(act.dtype)
+        spliced = flat.index_copy(0, self.keep_idx, self.replace(self.seen).to(act.dtype)).view_as(act)
         return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
 
-    def hidden(self, ids: Tensor, keep: Tensor, scored: Tensor, replace: Reconstruct | None) -> Tensor:
+    def hidden(self, ids: Tensor, keep_idx: Tensor, scored_idx: Tensor, replace: Reconstruct | None) -> Tensor:
         """The input of the unembedding at the scored positions, with the site replaced by ``replace``."""
-        self.keep, self.replace = keep, replace
+        self.keep_idx, self.replace = keep_idx, replace
         out = self.loaded.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        return out[:, :-1][scored]
+        return out[:, :-1].reshape(-1, out.shape[-1]).index_select(0, scored_idx)
 
     def log_probs(self, hidden: Tensor) -> Tensor:
         return self.loaded.model.get_output_embeddings()(hidden).float().log_softmax(-1)
@@ -120,12 +121,13 @@ def site_baseline(loaded: LoadedModel, site: SiteSpec, windows: Sequence[Window]
             ids = torch.stack([w.input_ids for w in chunk]).to(device)
             keep = torch.stack([w.keep_mask for w in chunk]).to(device)
             scored = keep[:, :-1] & keep[:, 1:]
-            targets = ids[:, 1:][scored]
-            hidden = splice.hidden(ids, keep, scored, None)
+            keep_idx, scored_idx = keep.reshape(-1).nonzero().squeeze(1), scored.reshape(-1).nonzero().squeeze(1)
+            targets = ids[:, 1:].reshape(-1)[scored_idx]
+            hidden = splice.hidden(ids, keep_idx, scored_idx, None)
             acts = splice.seen
             nll_clean = _nll(splice.log_probs(hidden), targets)
-            nll_zero = _nll(splice.log_probs(splice.hidden(ids, keep, scored, torch.zeros_like)), targets)
-            batches.append(BaselineBatch(ids, keep, scored, hidden, nll_clean, nll_zero, acts))
+            nll_zero = _nll(splice.log_probs(splice.hidden(ids, keep_idx, scored_idx, torch.zeros_like)), targets)
+            batches.append(BaselineBatch(ids, keep_idx, scored_idx, targets, hidden, nll_clean, nll_zero, acts))
     finally:
         splice.close()
     if not any(b.nll_clean.numel() for b in batches):
@@ -145,11 +147,11 @@ def spliced_scores(loaded: LoadedModel, baseline: SiteBaseline, sae_encode_decod
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0}
     try:
         for b in baseline.batches:
-            if not b.nll_clean.numel():
+            if not len(b.scored_idx):  # a shape, known on the host
                 continue
             clean = splice.log_probs(b.hidden)
-            sae = splice.log_probs(splice.hidden(b.ids, b.keep, b.scored, sae_encode_decode))
-            nll_sae = _nll(sae, b.ids[:, 1:][b.scored])
+            sae = splice.log_probs(splice.hidden(b.ids, b.keep_idx, b.scored_idx, sae_encode_decode))
+            nll_sae = _nll(sae, b.targets)
             # one host transfer per batch for the four sums
             sums = torch.stack([b.nll_clean.sum(), nll_sae.sum(), b.nll_zero.sum(),
                                 (clean.exp() * (clean - sae)).sum()]).tolist()

@@ -14,6 +14,7 @@ import calendar
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from streamd.config import StreamdConfig
 from streamd.inspect.html import Links, home_page, index_page, latent_page, sorted_rows
 from streamd.inspect.inspection import Inspector
 from streamd.metrics import InspectorMetrics
-from streamd.run.checkpoints import read_manifest
+from streamd.run.checkpoints import ID_RE, read_manifest
 from streamd.run.server import StatusServer
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,13 @@ def _written_at(created_at: str | None) -> float:
         return float(calendar.timegm(time.strptime(created_at or "", "%Y-%m-%dT%H:%M:%SZ")))
     except ValueError:
         return time.time()
+
+
+def _remove_older_pulls(kept: Path) -> None:
+    """The pulled checkpoints beside ``kept``: inspected, never needed again (each is the size of the SAEs)."""
+    for other in kept.parent.iterdir():
+        if other != kept and ID_RE.match(other.name) and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
 
 
 class InspectorRole:
@@ -86,6 +94,8 @@ class InspectorRole:
         dashboards = self.inspector.inspect(found)
         seconds = time.monotonic() - t0
         self._save(dashboards)
+        if locate.is_url(self.target) and found.checkpoint is not None:
+            _remove_older_pulls(found.checkpoint)
         self.dashboards, self.inspected, self.last_inspection = dashboards, found.manifest.get("id", ckid), t0
         self.metrics.observe(self.inspected, {n: d["metrics"] for n, d in dashboards.items()},
                              sum(len(d["latents"]) for d in dashboards.values()), seconds,

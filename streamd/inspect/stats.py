@@ -21,10 +21,9 @@ from streamd.sae.base import SAE
 
 @dataclass
 class SampleLayout:
-    """Per baseline batch, what every SAE's pass needs and the model's pass fixed: the flat published positions,
-    the contexts around every position, and the sample index of its first position. Computed once per site."""
+    """Per baseline batch, what every SAE's pass needs and the model's pass fixed: the contexts around every
+    position and the sample index of its first position. Computed once per site."""
 
-    keep_idx: list[Tensor]
     ctx_ids: list[Tensor]
     ctx_pos: list[Tensor]
     first_token: list[int]
@@ -32,16 +31,15 @@ class SampleLayout:
 
     @classmethod
     def of(cls, baseline: SiteBaseline, window: int) -> SampleLayout:
-        keep_idx, ctx_ids, ctx_pos, first = [], [], [], []
+        ctx_ids, ctx_pos, first = [], [], []
         offset = 0
         for b in baseline.batches:
-            keep_idx.append(b.keep.reshape(-1).nonzero().squeeze(1))
             ids, pos = contexts(b.ids, window)
             ctx_ids.append(ids)
             ctx_pos.append(pos)
             first.append(offset)
             offset += b.ids.numel()
-        return cls(keep_idx, ctx_ids, ctx_pos, first, window)
+        return cls(ctx_ids, ctx_pos, first, window)
 
 
 @dataclass
@@ -80,7 +78,7 @@ def latent_stats(sae: SAE, baseline: SiteBaseline, layout: SampleLayout, *, top_
         feats = sae.encode(b.acts.to(device))
         fires += (feats > 0).sum(0)
         n_tokens += feats.shape[0]
-        full = _spread(feats, layout.keep_idx[i], b.ids.numel())
+        full = _spread(feats, b.keep_idx, b.ids.numel())
         top.update(full, full, layout.first_token[i], layout.ctx_ids[i], layout.ctx_pos[i])
 
     peak = top.scores[:, :1].clamp_min(torch.finfo(torch.float32).tiny)  # [d_sae, 1]
@@ -94,10 +92,10 @@ def latent_stats(sae: SAE, baseline: SiteBaseline, layout: SampleLayout, *, top_
         rel = feats / peak.T  # (0, 1] where fired
         hb = (rel * bins).ceil().long().clamp(1, bins) - 1
         hist.view(-1).scatter_add_(0, (hb + offsets).reshape(-1), fired.reshape(-1).float())
-        full = _spread(feats, layout.keep_idx[i], b.ids.numel())
+        full = _spread(feats, b.keep_idx, b.ids.numel())
         qb = (rel * intervals).ceil().long().clamp(1, intervals) - 1
         for q, s in enumerate(samples):
             key = (1 + torch.rand(feats.shape, generator=gen, device=device)) * (fired & (qb == q))
-            s.update(_spread(key, layout.keep_idx[i], b.ids.numel()), full, layout.first_token[i],
+            s.update(_spread(key, b.keep_idx, b.ids.numel()), full, layout.first_token[i],
                      layout.ctx_ids[i], layout.ctx_pos[i])
     return LatentStats(top, samples, fires, hist, n_tokens)
