@@ -7,6 +7,7 @@ SmolLM2-135M over N held-out tokens (pydoc, context 128, batch 8).
 sample, reused by every later checkpoint), then per SAE the spliced pass + FVU/L0, the two encoding passes of the
 latent statistics, the logit effects and building the dashboard; and reports the peak RSS of the process and the
 top-N state (``streamd.inspect.topn.state_bytes``). An inspection of a later checkpoint costs the per-SAE phases only.
+One untimed warm-up batch first.
 
 torch threads 2. Run: ``.venv/bin/python bench/bench_inspect.py [--quick] [--tokens 50000] [--dtype bfloat16]``.
 """
@@ -86,6 +87,7 @@ def main() -> None:
                         {"W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(args.width), "W_dec": w_dec,
                          "b_dec": torch.zeros(d)}).requires_grad_(False)
     cfg = InspectConfig()
+    site_baseline(loaded, SITE, windows[:BATCH], BATCH)  # untimed warm-up batch (first-call allocations)
     rss0 = rss_mb()
     phases: list[tuple[str, Phase]] = []
 
