@@ -94,8 +94,9 @@ def latent_stats(sae: SAE, baseline: SiteBaseline, layout: SampleLayout, *, top_
         hist.view(-1).scatter_add_(0, (hb + offsets).reshape(-1), fired.reshape(-1).float())
         full = _spread(feats, b.keep_idx, b.ids.numel())
         qb = (rel * intervals).ceil().long().clamp(1, intervals) - 1
-        for q, s in enumerate(samples):
-            key = (1 + torch.rand(feats.shape, generator=gen, device=device)) * (fired & (qb == q))
+        u = 1 + torch.rand(feats.shape, generator=gen, device=device)  # one key per (token, latent): each is in
+        for q, s in enumerate(samples):  # one interval, so the samples of different intervals stay independent
+            key = u * (fired & (qb == q))
             s.update(_spread(key, b.keep_idx, b.ids.numel()), full, layout.first_token[i],
                      layout.ctx_ids[i], layout.ctx_pos[i])
     return LatentStats(top, samples, fires, hist, n_tokens)
