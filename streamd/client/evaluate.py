@@ -144,7 +144,7 @@ def spliced_scores(loaded: LoadedModel, baseline: SiteBaseline, sae_encode_decod
     their reconstruction. Losses average over next-token predictions whose input and target are both published.
     """
     splice = _Splice(loaded, baseline.site)
-    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0}
+    sums = torch.zeros(4, dtype=torch.float64, device=baseline.batches[0].ids.device)
     try:
         for b in baseline.batches:
             if not len(b.scored_idx):  # a shape, known on the host
@@ -152,15 +152,12 @@ def spliced_scores(loaded: LoadedModel, baseline: SiteBaseline, sae_encode_decod
             clean = splice.log_probs(b.hidden)
             sae = splice.log_probs(splice.hidden(b.ids, b.keep_idx, b.scored_idx, sae_encode_decode))
             nll_sae = _nll(sae, b.targets)
-            # one host transfer per batch for the four sums
-            sums = torch.stack([b.nll_clean.sum(), nll_sae.sum(), b.nll_zero.sum(),
-                                (clean.exp() * (clean - sae)).sum()]).tolist()
-            for key, value in zip(totals, sums):
-                totals[key] += value
+            sums += torch.stack([b.nll_clean.sum(), nll_sae.sum(), b.nll_zero.sum(),
+                                 (clean.exp() * (clean - sae)).sum()]).double()
     finally:
         splice.close()
     n = baseline.n_scored
-    out = {k: v / n for k, v in totals.items()}
+    out = {k: v / n for k, v in zip(("ce_clean", "ce_sae", "ce_zero", "kl_sae"), sums.tolist())}  # one host copy
     gap = out["ce_zero"] - out["ce_clean"]
     out["ce_loss_score"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap != 0 else float("nan")
     out["n_tokens"] = n
