@@ -1,6 +1,7 @@
 """The inspector's engine on a real tiny model: the streaming top-N equals a brute-force dense computation and its
-memory is the stated formula; a planted feature with a known answer tops its latent in the JSON and the HTML; a
-checkpoint that does not fit the model is refused naming both values."""
+memory is the stated formula; a planted feature with a known answer tops its latent (and its logit effects) in the
+JSON and the HTML; a checkpoint that does not fit the model is refused naming both values; the default held-out text
+is not what the producers read."""
 
 from __future__ import annotations
 
@@ -125,6 +126,7 @@ def test_planted_feature_tops_its_latent_in_json_and_html(planted_dir, tmp_path)
 
     weights = random_sae(loaded.d_model, 16, 1.0, seed=3, scale=float(emb.std()))
     weights["W_enc"][:, 0] = direction
+    weights["W_dec"][0] = direction  # writes t's embedding back: through the tied unembedding it raises t most
     weights["threshold"][0] = threshold
     ckpt = write_checkpoint(tmp_path / "run", "blocks.0.hook_resid_post", weights)
 
@@ -138,6 +140,8 @@ def test_planted_feature_tops_its_latent_in_json_and_html(planted_dir, tmp_path)
     assert lat["top"][0]["act"] == pytest.approx(float(e_t.norm()), rel=1e-3)
     assert lat["density"] == pytest.approx(float((published == t).sum()) / len(published))
     assert dash["index"][0]["top_tokens"] == [" the"]
+    assert lat["logits"]["up"][0][0] == " the" and lat["logits"]["up"][0][1] > 0 > lat["logits"]["down"][0][1]
+    assert "approximation" in dash["logit_note"]
 
     out = tmp_path / "site"
     write_static(dash_by_name := {"planted": dash}, out)
