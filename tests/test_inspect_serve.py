@@ -138,12 +138,26 @@ def test_inspector_follows_a_trainer_through_an_outage(tiny_llama_dir, tmp_path:
         restarted.server.stop()
 
 
-def test_the_browser_is_not_ready_before_a_checkpoint(tiny_llama_dir, tmp_path: Path):
+def test_the_browser_speaks_tls_and_is_not_ready_before_a_checkpoint(tiny_llama_dir, tmp_path: Path):
+    import ssl
+
+    from tests.test_serve import self_signed
+
+    cert, key = self_signed(tmp_path)
     loaded = load_frozen_model(str(tiny_llama_dir))
-    cfg = StreamdConfig(inspect=InspectConfig(port=0, out_dir=tmp_path / "ins"))
+    cfg = StreamdConfig(inspect=InspectConfig(port=0, out_dir=tmp_path / "ins", tls_certfile=cert, tls_keyfile=key))
     role = InspectorRole(cfg, Inspector(loaded, sample_windows(loaded.tokenizer, iter(DOCS), CONTEXT, 64),
                                         cfg.inspect), str(tmp_path / "no-run"))
     with pytest.raises(FileNotFoundError, match="no-run"):
         role.poll()
     with role.server:
-        assert get(role.server.url + "/readyz", None)[0] == 503 and get(role.server.url + "/", None)[0] == 503
+        url = role.server.url
+        assert url.startswith("https://127.0.0.1:")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        for path, code in (("/healthz", 200), ("/readyz", 503), ("/", 503)):
+            try:
+                with urllib.request.urlopen(url + path, context=ctx, timeout=30) as resp:
+                    got = resp.status
+            except urllib.error.HTTPError as e:
+                got = e.code
+            assert got == code, path
