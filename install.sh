@@ -11,12 +11,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 if [ "${1:-}" = "--dev" ]; then
   $PIP install -e ".[dev]"
-  # Debian's prometheus (promtool, a real server) and docker-compose 1.29 (`config -q` of the compose files)
+  # Debian's prometheus (promtool, a real server), docker-compose 1.29 (`config -q` of the compose files) and
+  # chromium (the feature browser rendered headless)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-     && ! { command -v promtool && command -v docker-compose; } >/dev/null; then
+     && ! { command -v promtool && command -v docker-compose && command -v chromium; } >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-       prometheus docker-compose >/dev/null) \
-      || echo "install.sh: could not install prometheus / docker-compose (their tests will skip)" >&2
+       prometheus docker-compose chromium >/dev/null) \
+      || echo "install.sh: could not install prometheus / docker-compose / chromium (their tests will skip)" >&2
   fi
 else
   $PIP install -e .

@@ -94,6 +94,7 @@ src, dst, trainer, producer, feeder, prom = sys.argv[1:]
 text = open(src).read()
 out = text.replace('"trainer:9400"', '"127.0.0.1:%s"' % trainer).replace('"localhost:9090"', '"127.0.0.1:%s"' % prom)
 out = out.replace('"feeder:9402"', '"127.0.0.1:%s"' % feeder)
+out = out.replace('"inspector:9403"', '"127.0.0.1:9403"')  # the inspector too (not started by the smoke run)
 # the producers' DNS discovery needs Compose's DNS: under host networking the one replica is on loopback
 out = re.sub(r"dns_sd_configs:\n(?:[ \t]+.*\n)*?[ \t]+refresh_interval: \S+\n",
              'static_configs:\n      - targets: ["127.0.0.1:%s"]\n' % producer, out)

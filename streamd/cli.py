@@ -33,6 +33,11 @@ FEED_FLAGS = {
     "--state": ("feed.state_path", str, "file of the feeder's position (a restarted feeder continues there)"),
     "--max-documents": ("feed.max_documents", int, "stop after feeding this many documents"),
 }
+INSPECT_FLAGS = {
+    "--port": ("inspect.port", int, "port of the feature browser, its API and /metrics (0: a free one)"),
+    "--every-seconds": ("inspect.every_seconds", float, "at most one inspection per this many seconds"),
+    "--tokens": ("inspect.tokens", int, "held-out tokens per inspection"),
+}
 TRAIN_FLAGS = {
     "--run-dir": ("trainer.run_dir", str, "run directory (checkpoints, metrics history, lock)"),
     "--group": ("trainer.group_id", str, "Kafka consumer group of this run"),
@@ -54,7 +59,7 @@ def _add_config_args(p: argparse.ArgumentParser, *flag_sets: dict) -> None:
 
 
 def _config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> StreamdConfig:
-    overrides = {k: v for k, v in vars(args).items() if "." in k or k == "producer_count"}
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("producer_count", "up_inspector")}
     return load_config(args.config, overrides, args.set, defaults=defaults)
 
 
@@ -186,6 +191,10 @@ UP_DEFAULTS: dict[str, Any] = {
     # generation grace: kafka.delivery_timeout_ms (120 s) + kafka.clock_skew_seconds (30 s).
     "kafka.generation_seconds": 180,
     "producer.max_lag_messages": 128,
+    # the inspector beside them (bench/README.md, bench_inspect.py): a small held-out sample, one inspection at most
+    # every 10 minutes, so it takes a few percent of the two cores the producer and the trainer share
+    "inspect.tokens": 4096,
+    "inspect.every_seconds": 600,
 }
 
 
@@ -220,6 +229,28 @@ def cmd_eval(args) -> int:
                               device=args.device)
     for name, r in results.items():
         print(name, " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in r.items()), flush=True)
+    return 0
+
+
+def cmd_features(args) -> int:
+    from streamd.client.evaluate import fetch_checkpoint
+    from streamd.inspect.inspection import build_inspector
+    from streamd.inspect.static import write_static
+
+    cfg = _config(args)
+    found = fetch_checkpoint(cfg, args.checkpoint, token_file=args.token_file, cafile=args.cafile)
+    print(write_static(build_inspector(cfg).inspect(found), args.out))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from streamd.inspect.follow import InspectorRole
+    from streamd.inspect.inspection import build_inspector
+
+    cfg = _config(args)
+    role = InspectorRole(cfg, build_inspector(cfg), args.target, token_file=args.token_file, cafile=args.cafile)
+    _on_signals(role.stop)
+    role.run()
     return 0
 
 
@@ -281,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after training this many tokens, with a final export")
     p.add_argument("--producers", dest="producer_count", type=int,
                    help="producer processes; above 1 a feeder fills a text topic that they divide")
+    p.add_argument("--no-inspector", dest="up_inspector", action="store_false", default=None,
+                   help="do not start the inspector (feature browser)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("pull", help="download the latest checkpoint from a running trainer")
@@ -306,6 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token_args(p)
     p.add_argument("--device", default="auto", help="where the model and SAEs run (auto: a GPU when there is one)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("features", help="feature dashboards of a checkpoint's SAEs as static HTML + JSON")
+    _add_config_args(p, PRODUCE_FLAGS)
+    p.add_argument("checkpoint", help="SAE, checkpoint or run dir, or a trainer's URL")
+    p.add_argument("--out", type=Path, required=True, help="directory for index.html, SAE pages and JSON")
+    _add_token_args(p)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("inspect", help="follow a trainer, inspect each new checkpoint, serve the feature browser")
+    _add_config_args(p, PRODUCE_FLAGS, INSPECT_FLAGS)
+    p.add_argument("target", help="a trainer's URL or a run directory")
+    _add_token_args(p)
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("replay", help="publish a cached activation file (.npy/.safetensors) in the wire format")
     _add_config_args(p)

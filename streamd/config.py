@@ -443,6 +443,41 @@ class CheckpointConfig(Strict):
         return self
 
 
+class InspectConfig(Strict):
+    """`streamd inspect` / `streamd features`: feature dashboards and downstream metrics on held-out text."""
+
+    source: SourceConfig | None = Field(None, description="held-out text; default: the feeder's held-out slice "
+                                        "(feed.holdout_fraction > 0) of feed.source, else a shipped corpus the "
+                                        "producers do not read (pydoc, or kjv when they read pydoc)")
+    tokens: int = Field(16384, ge=16, description="tokens of held-out text per inspection (whole windows)")
+    every_seconds: float = Field(300.0, gt=0, description="at most one inspection per this many seconds")
+    poll_seconds: float = Field(10.0, gt=0, description="how often the followed trainer is asked for a checkpoint")
+    device: str = Field("auto", description="where the model and SAEs run (auto: a GPU when there is one)")
+    top_n: int = Field(10, ge=1, le=256, description="top-activating contexts kept per latent")
+    context_window: int = Field(8, ge=0, le=64, description="tokens shown on each side of an example's token")
+    intervals: int = Field(4, ge=1, le=16, description="equal activation intervals sampled per latent")
+    per_interval: int = Field(3, ge=1, le=64, description="contexts sampled from each interval")
+    histogram_bins: int = Field(24, ge=2, le=256)
+    logit_tokens: int = Field(10, ge=1, le=100, description="tokens listed for the raised and lowered logits")
+    max_latents: int = Field(4096, ge=1, description="latents with a dashboard; beyond, a sample plus the densest "
+                             "and rarest")
+    extremes: int = Field(256, ge=0, description="densest and rarest latents always shown when sampling")
+    seed: int = 0
+    out_dir: Path = Field(Path("runs/inspect"), description="dashboards (JSON) of the last inspection and the "
+                          "pulled checkpoints")
+    host: str = "127.0.0.1"
+    port: int = Field(9403, ge=0, le=65535, description="the feature browser, its JSON API and /metrics")
+    token: SecretStr | None = Field(None, description="bearer token required on the browser and API pages")
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> InspectConfig:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("inspect.tls_certfile and inspect.tls_keyfile go together")
+        return self
+
+
 class StreamdConfig(BaseSettings):
     """The whole configuration. Precedence: CLI flags > environment > YAML file > defaults."""
 
@@ -454,8 +489,11 @@ class StreamdConfig(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     feed: FeedConfig = Field(default_factory=FeedConfig)
+    inspect: InspectConfig = Field(default_factory=InspectConfig)
     producer_count: int = Field(1, ge=1, le=64, description="streamd up: producer processes; above 1 they divide "
                                 "a text topic a feeder thread fills from producer.source")
+    up_inspector: bool = Field(True, description="streamd up: also run an inspector process (the feature browser on "
+                               "inspect.port) following the run's checkpoints")
 
     @classmethod
     def settings_customise_sources(

@@ -8,6 +8,7 @@ This module holds no logic beyond small setters; the trainer and producer decide
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Mapping
@@ -350,3 +351,49 @@ class FeederMetrics:
         self.lag.labels(topic=topic, group=group)
         for reason in TEXT_ERROR_REASONS:
             self.errors.labels(topic=topic, reason=reason)
+
+
+# What each inspection reports per SAE (``streamd_inspect_<key>{sae}``), from the inspector's dashboard metrics.
+INSPECT_STATS = (
+    Stat("ce_loss_score", "CE loss recovered with the SAE spliced in, on the inspector's held-out text (SAELens "
+         "ce_loss_score: 1 = nothing lost, 0 = as bad as zeroing the site)."),
+    Stat("kl", "KL(clean || spliced) per token on the held-out text."),
+    Stat("fvu", "Fraction of variance unexplained on the held-out text's activations."),
+    Stat("l0", "Mean active latents per held-out token."),
+)
+
+
+class InspectorMetrics:
+    """Metrics of `streamd inspect`: downstream quality per SAE, which checkpoint the dashboards show and how old it
+    is, dashboards built, time per inspection, failed polls."""
+
+    def __init__(self) -> None:
+        self.registry = reg = _registry()
+        ns = NAMESPACE
+        self.per_sae = {s.key: Gauge(f"inspect_{s.key}", s.help, ["sae"], namespace=ns, registry=reg)
+                        for s in INSPECT_STATS}
+        self.checkpoint_id = Gauge("inspect_checkpoint_id", "Id (a number) of the checkpoint the dashboards show.",
+                                   namespace=ns, registry=reg)
+        self.checkpoint_age = Gauge("inspect_checkpoint_age_seconds", "Seconds since the checkpoint the dashboards "
+                                    "show was written (grows while the trainer is away).", namespace=ns, registry=reg)
+        self.dashboards_built = Counter("inspect_dashboards_built", "Latent dashboards built.", namespace=ns,
+                                        registry=reg)
+        self.inspection_seconds = Gauge("inspect_inspection_seconds", "Seconds the last inspection took (pull, every "
+                                        "SAE's metrics and dashboards).", namespace=ns, registry=reg)
+        self.inspections = Counter("inspect_inspections", "Checkpoints inspected.", namespace=ns, registry=reg)
+        self.failures = Counter("inspect_failures", "Polls or inspections that failed (trainer unreachable, a "
+                                "checkpoint that does not fit the model).", namespace=ns, registry=reg)
+        self._written_at: float | None = None
+        self.checkpoint_age.set_function(
+            lambda: float("nan") if self._written_at is None else time.time() - self._written_at)
+
+    def observe(self, checkpoint: str, metrics_by_sae: Mapping[str, Mapping[str, float]], dashboards: int,
+                seconds: float, written_at: float) -> None:
+        for sae, m in metrics_by_sae.items():
+            for key, gauge in self.per_sae.items():
+                gauge.labels(sae=sae).set(m[key])
+        self.checkpoint_id.set(float(checkpoint) if checkpoint.isdigit() else float("nan"))
+        self._written_at = written_at
+        self.dashboards_built.inc(dashboards)
+        self.inspection_seconds.set(seconds)
+        self.inspections.inc()

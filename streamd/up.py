@@ -1,4 +1,5 @@
-"""`streamd up`: the embedded default on one machine — local broker, one producer process, the trainer in-process.
+"""`streamd up`: the embedded default on one machine — local broker, one producer process, the trainer in-process,
+and an inspector process serving the feature browser (``--no-inspector``: none).
 
 The producer runs in its own process (its own torch threads and GIL); the trainer runs here so Ctrl-C stops it first
 and it leaves a final checkpoint, then the producer is stopped (it flushes) and the broker last. The producer gets
@@ -72,11 +73,24 @@ def _plain(obj, where: tuple[str, ...], secrets: dict[str, str]):
 
 
 def spawn_producer(cmd: list[str], log_file: IO[bytes], env: dict[str, str]) -> subprocess.Popen:
-    """Start the producer process, tied to this one: it gets SIGTERM when `up` dies, even by SIGKILL or the OOM
+    """Start a child process (a producer, the inspector), tied to this one: it gets SIGTERM when `up` dies, even by SIGKILL or the OOM
     killer, instead of retrying for ever against a broker that went with `up`."""
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                             env={**os.environ, **env},
                             preexec_fn=die_with_parent if sys.platform == "linux" else None)
+
+
+def _spawn_inspector(cfg: StreamdConfig, stack: contextlib.ExitStack) -> subprocess.Popen:
+    """`streamd inspect RUN_DIR` in its own process: it follows the run's checkpoints on disk (no pull), on the
+    held-out text of :mod:`streamd.inspect.sample` (a corpus the producer does not read)."""
+    run_dir = cfg.trainer.run_dir
+    icfg = cfg.model_copy(deep=True)
+    if "out_dir" not in cfg.inspect.model_fields_set:
+        icfg.inspect.out_dir = run_dir / "inspect"
+    config_path, secret_env = stack.enter_context(producer_config(icfg, run_dir, "up-inspector"))
+    log_file = stack.enter_context(open(run_dir / "inspector.log", "ab"))
+    return spawn_producer([sys.executable, "-m", "streamd", "inspect", str(run_dir), "--config", str(config_path)],
+                          log_file, secret_env)
 
 
 def run_up(cfg: StreamdConfig) -> int:
@@ -113,6 +127,7 @@ def run_up(cfg: StreamdConfig) -> int:
                 producers.append(spawn_producer(
                     [sys.executable, "-m", "streamd", "produce", "--config", str(config_path)], producer_log,
                     secret_env))
+            inspector = _spawn_inspector(cfg, stack) if cfg.up_inspector else None
         except BaseException:
             for p in producers:
                 p.kill()
@@ -127,6 +142,11 @@ def run_up(cfg: StreamdConfig) -> int:
         print(f"metrics     {trainer.server.url}/metrics", flush=True)
         print(f"checkpoints {run_dir / 'checkpoints'}  (pull: streamd pull {trainer.server.url} --out DIR)",
               flush=True)
+        if inspector is not None:
+            i = cfg.inspect
+            print(f"inspector   pid {inspector.pid}, log {run_dir / 'inspector.log'}; feature browser "
+                  f"{'https' if i.tls_certfile else 'http'}://{i.host}:{i.port}/ (after the first checkpoint)",
+                  flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: trainer.stop())
 
@@ -142,9 +162,10 @@ def run_up(cfg: StreamdConfig) -> int:
         finally:
             if feeder is not None:
                 feeder.stop()
-            for p in producers:
+            children = producers + ([inspector] if inspector is not None else [])
+            for p in children:
                 p.send_signal(signal.SIGTERM)
-            for p in producers:
+            for p in children:
                 try:
                     p.wait(timeout=60)
                 except subprocess.TimeoutExpired:

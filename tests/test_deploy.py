@@ -21,7 +21,7 @@ from prometheus_client import generate_latest, start_http_server
 
 from streamd.cli import build_parser
 from streamd.config import ProducerConfig, load_config
-from streamd.metrics import FeederMetrics, ProducerMetrics, TrainerMetrics, parse_samples
+from streamd.metrics import FeederMetrics, InspectorMetrics, ProducerMetrics, TrainerMetrics, parse_samples
 from streamd.wire import REJECT_REASONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,8 @@ def test_compose_config_is_accepted(tool, files):
 def test_compose_services_ports_and_volumes():
     c = compose(BASE)
     services = c["services"]
-    assert set(services) == {"kafka", "kafka-init", "feeder", "producer", "trainer", "prometheus", "grafana"}
+    assert set(services) == {"kafka", "kafka-init", "feeder", "producer", "trainer", "inspector", "prometheus",
+                             "grafana"}
     for name, svc in services.items():
         assert "container_name" not in svc, f"{name}: a fixed container_name prevents --scale"
         for port in svc.get("ports", []):
@@ -94,7 +95,7 @@ def test_compose_services_ports_and_volumes():
         assert svc.get("restart") == want, name
     published = {name: [p.rsplit(":", 1)[1] for p in svc.get("ports", [])] for name, svc in services.items()}
     assert published == {"kafka": [], "kafka-init": [], "feeder": [], "producer": [], "trainer": ["9400"],
-                         "prometheus": ["9090"], "grafana": ["3000"]}
+                         "inspector": ["9403"], "prometheus": ["9090"], "grafana": ["3000"]}
 
     named = set(c["volumes"])
     assert {"kafka-data", "checkpoints", "models"} <= named
@@ -274,8 +275,10 @@ def exported() -> dict[str, set[str]]:
     p = ProducerMetrics("p")
     p.outlier_tokens.labels(producer="p", site="resid_post.15", reason="norm")  # per site: the producer's sites
     f = FeederMetrics("t", "g")
+    i = InspectorMetrics()
+    i.observe("1", {"s": {"ce_loss_score": 1.0, "kl": 0.0, "fvu": 0.0, "l0": 1.0}}, 1, 1.0, 0.0)
     out: dict[str, set[str]] = {}
-    for reg in (t.registry, p.registry, f.registry):
+    for reg in (t.registry, p.registry, f.registry, i.registry):
         for name, series in parse_samples(generate_latest(reg).decode()).items():
             for labels, _ in series:
                 out.setdefault(name, set()).update(labels)
@@ -463,7 +466,8 @@ def test_smoke_puts_every_port_in_a_setting(tmp_path):
     prom_cfg = yaml.safe_load((work / "prometheus" / "prometheus.yml").read_text())
     targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom_cfg["scrape_configs"]}
     assert targets == {"streamd-trainer": [f"127.0.0.1:{trainer}"], "streamd-producer": [f"127.0.0.1:{producer}"],
-                       "streamd-feeder": [f"127.0.0.1:{feeder}"], "prometheus": [f"127.0.0.1:{prom}"]}
+                       "streamd-feeder": [f"127.0.0.1:{feeder}"], "streamd-inspector": ["127.0.0.1:9403"],
+                       "prometheus": [f"127.0.0.1:{prom}"]}
     assert (work / "prometheus" / "rules.yml").read_text() == (PROM / "rules.yml").read_text()
     rendered = (work / "smoke.override.yml").read_text() + (work / "prometheus" / "prometheus.yml").read_text()
     for default in ("19092", "9400", "9401", "9402", "9090"):

@@ -144,3 +144,32 @@ def test_eval_from_a_trainer_url_matches_the_sae_directory(run_dir, lm_dir, corp
     by_dir = eval_checkpoint(cfg, str(store.latest() / "trained"), n_docs=8)
     assert set(by_url) == {"trained", "untrained"} and set(by_dir) == {"trained"}
     assert by_url["trained"] == by_dir["trained"]
+
+
+def test_features_cli_scores_trained_above_untrained(run_dir, lm_dir, corpus, tmp_path):
+    """`streamd features` on the same run: static pages and JSON for both SAEs, the inspector's metrics (one shared
+    baseline) rank the trained SAE above the untrained one on text neither SAE trained on."""
+    import json
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n\n".join(corpus[1][-EVAL_DOCS:]))  # the SAEs trained on the other documents
+    site = tmp_path / "site"
+    out = subprocess.run(
+        [sys.executable, "-m", "streamd", "features", str(run_dir), "--out", str(site), "--model", str(lm_dir),
+         "--set", f"inspect.source={{kind: files, paths: [{held_out}]}}", "--set", "inspect.tokens=4096",
+         "--set", "inspect.device=cpu", "--set", f"producer.context_length={CONTEXT}",
+         "--set", "producer.torch_threads=2"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "STREAMD_CACHE": str(tmp_path / "cache"), "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == str(site / "index.html")
+    m = {name: json.loads((site / name / "dashboard.json").read_text())["metrics"] for name in ("trained", "untrained")}
+    print("\n" + "\n".join(f"{n}: {r}" for n, r in m.items()))
+    trained, untrained = m["trained"], m["untrained"]
+    assert trained["ce_clean"] == untrained["ce_clean"] and trained["ce_zero"] == untrained["ce_zero"]
+    assert trained["fvu"] < untrained["fvu"] / 4 and trained["kl"] < untrained["kl"] / 4
+    assert trained["ce_zero"] - trained["ce_clean"] > 0.5  # a gap this wide makes the score meaningful here
+    assert trained["ce_loss_score"] > untrained["ce_loss_score"]
+    for name in ("trained", "untrained"):
+        assert (site / name / "index-density.html").is_file() and any((site / name / "latent").glob("*.html"))

@@ -1,4 +1,5 @@
-"""CE-loss score by splicing: identity reconstruction scores 1 with KL 0, zero scores 0; only published tokens count."""
+"""CE-loss score by splicing: identity reconstruction scores 1 with KL 0, zero scores 0; only published tokens count;
+the clean and zero-ablated passes run once per (text, site), whatever the number of SAEs scored against them."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from streamd.config import SiteSpec
-from streamd.client.evaluate import ce_loss_score
-from streamd.produce.capture import site_module
+from streamd.client.evaluate import ce_loss_score, site_baseline, spliced_scores
+from streamd.produce.capture import blocks, site_module
 from streamd.produce.model import load_frozen_model
 from streamd.produce.packing import count_tokens, pack_documents
 from tests.test_model import make_tiny_model  # Llama and GPT-2 (tuple outputs) builders
@@ -81,3 +82,29 @@ def test_hook_removed_even_when_the_sae_fails(loaded):
         ce_loss_score(loaded, SiteSpec(layer=1), lambda x: x, ["", ""], context_length=16)
     with pytest.raises(ValueError, match="no scored predictions"):
         ce_loss_score(loaded, SiteSpec(layer=1), lambda x: x, ["x", "y"], context_length=16)  # BOS x BOS y
+
+
+def test_baseline_runs_once_for_every_reconstruction(loaded):
+    """Two forward passes per batch for the baseline, then one per batch and reconstruction; the clean loss is the
+    model's own next-token loss (its full forward, logits included) on the scored positions."""
+    windows = list(pack_documents(loaded.tokenizer, TEXTS, 16))
+    calls = []
+    handle = blocks(loaded.model)[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        base = site_baseline(loaded, SiteSpec(layer=1), windows, batch_size=4)
+        n_batches = len(base.batches)
+        assert n_batches == 2 and len(calls) == 2 * n_batches
+        ident, zero = (spliced_scores(loaded, base, fn) for fn in (lambda x: x, torch.zeros_like))
+        assert len(calls) == 4 * n_batches
+    finally:
+        handle.remove()
+    assert ident["ce_loss_score"] == 1.0 and zero["ce_loss_score"] == 0.0 and ident["ce_zero"] == zero["ce_zero"]
+    assert base.acts.shape == (count_tokens(loaded.tokenizer, TEXTS), loaded.d_model)
+
+    ids = torch.stack([w.input_ids for w in windows])
+    keep = torch.stack([w.keep_mask for w in windows])
+    scored = keep[:, :-1] & keep[:, 1:]
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids, use_cache=False).logits[:, :-1][scored]
+    nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][scored])
+    assert ident["ce_clean"] == pytest.approx(float(nll), rel=1e-5)

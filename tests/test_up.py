@@ -103,7 +103,8 @@ def test_up_with_two_producers_divides_a_text_topic(tiny_llama_dir, tmp_path):
             "producer.source.corpus=pydoc", "trainer.buffer_tokens=2048", "trainer.batch_size=256",
             "trainer.norm_estimate_tokens=512", "trainer.eval_tokens=0", "trainer.device=cpu",
             "trainer.saes=[{name: t, architecture: topk, expansion_factor: 2, k: 4}]", f"trainer.run_dir={run}",
-            "feed.partitions=4", "producer.max_lag_messages=100000", "producer.producer_id=up-test"]
+            "feed.partitions=4", "producer.max_lag_messages=100000", "producer.producer_id=up-test",
+            "inspect.port=0"]
     cmd = [sys.executable, "-m", "streamd", "up", "--producers", "2", "--max-tokens", "10000000"]  # stopped below
     for s in sets:
         cmd += ["--set", s]
@@ -155,6 +156,7 @@ def test_up_with_two_producers_divides_a_text_topic(tiny_llama_dir, tmp_path):
     shared = docs[pids[0]] & docs[pids[1]]
     assert not shared, f"{len(shared)} text records published by both producers, e.g. {sorted(shared)[:5]}"
     assert "feeder" in "".join(lines)
+    assert re.search(r"inspector   pid \d+, log .*inspector.log; feature browser http://127.0.0.1:0/", "".join(lines))
     for i in range(2):
         log = (run / f"producer-{i}.log").read_text()
         assert re.search(r"text partitions assigned: \[\d", log), log[-2000:]

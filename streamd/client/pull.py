@@ -330,6 +330,14 @@ def pull(
     raise AssertionError("unreachable")
 
 
+def latest_description(url: str, token: str | None = None, cafile: str | Path | None = None, timeout: float = 30.0,
+                       *, token_file: str | Path | None = None) -> dict[str, Any]:
+    """The server's description of its latest checkpoint (id, tokens, created_at, saes, files), checked as
+    :func:`pull` checks it: cheap, for a follower asking whether there is a new one."""
+    open_url = _opener(resolve_token(token, token_file), cafile, timeout)
+    return _read_description(open_url, f"{url.rstrip('/')}/checkpoints/latest")
+
+
 def _pull_once(open_url: OpenFn, base: str, out: Path, sae: str | None) -> Path:
     try:
         desc = _read_description(open_url, f"{base}/checkpoints/latest")

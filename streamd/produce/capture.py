@@ -31,6 +31,21 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"don't know where the blocks of {type(model).__name__} are (looked for {_BLOCK_PATHS})")
 
 
+_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "decoder.final_layer_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last block and the unembedding (Llama ``norm``, GPT-2 ``ln_f``, NeoX / OPT
+    ``final_layer_norm``)."""
+    base = getattr(model, "base_model", model)
+    for dotted in _FINAL_NORMS:
+        try:
+            return base.get_submodule(dotted)
+        except AttributeError:
+            continue
+    raise ValueError(f"don't know where the final norm of {type(model).__name__} is (looked for {_FINAL_NORMS})")
+
+
 def site_module(model: nn.Module, site: str, layer: int) -> nn.Module:
     """The module whose output is ``site`` of block ``layer`` (the block itself for resid_post)."""
     bl = blocks(model)

@@ -2,8 +2,8 @@
 
 Checkpoint paths are never joined from raw request text: each component must match a strict pattern, the file must
 be listed in the checkpoint's manifest, and the resolved path must lie inside the checkpoints directory (no ``..``,
-no percent-encoding, no absolute paths, no symlinks out). Only ``/checkpoints*`` needs the optional bearer token, so
-scrapers and probes stay unauthenticated; the token is compared in constant time and never logged.
+no percent-encoding, no absolute paths, no symlinks out). Only ``/checkpoints*`` and a server's extra pages (the inspector's browser) need the optional
+bearer token, so scrapers and probes stay unauthenticated; the token is compared in constant time and never logged.
 
 Resources are bounded: a fixed pool of ``workers`` threads serves connections from a queue; at most
 ``max_connections`` are held (served or queued) and the next one gets an immediate 503 with ``Retry-After`` (over TLS,
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -40,6 +40,9 @@ from streamd.config import MetricsConfig
 log = logging.getLogger(__name__)
 
 ReadyFn = Callable[[], tuple[bool, str]]
+# Other routes of a server (the inspector's browser): (path, query) -> (status, body, content type), None for 404.
+# They sit behind the same bearer token as /checkpoints; a ValueError is answered 400 with its message.
+PagesFn = Callable[[str, dict[str, str]], "tuple[int, bytes, str] | None"]
 _CHECKPOINT_ROUTE = re.compile(r"^/checkpoints(?:/(?P<rest>.*))?$")
 
 
@@ -225,8 +228,21 @@ class _Handler(BaseHTTPRequestHandler):
         elif m := _CHECKPOINT_ROUTE.match(path):
             if self._authorized(status.token):
                 self._checkpoints(status.store, m.group("rest"))
+        elif status.pages is not None:
+            if self._authorized(status.token):
+                self._page(status.pages, path)
         else:
             self._not_found()
+
+    def _page(self, pages: PagesFn, path: str) -> None:
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        try:
+            found = pages(path, query)
+        except ValueError as e:
+            return self._send(400, f"{e}\n".encode())
+        if found is None:
+            return self._not_found()
+        self._send(*found)
 
     def _authorized(self, token: str | None) -> bool:
         if token is None:
@@ -283,7 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class StatusServer:
-    """Serves /metrics, /healthz, /readyz and /checkpoints* from a daemon thread; ``port=0`` picks a free port.
+    """Serves /metrics, /healthz, /readyz and /checkpoints* (and ``pages``, any other route) from a daemon thread;
+    ``port=0`` picks a free port.
 
     ``workers`` threads serve at most ``max_connections`` held connections (beyond: 503); ``header_timeout`` bounds
     the handshake, request line and headers of each request, ``io_timeout`` each later read or 1 MiB write.
@@ -299,6 +316,7 @@ class StatusServer:
         token: str | None = None,
         tls: tuple[Path, Path] | None = None,
         *,
+        pages: PagesFn | None = None,
         workers: int = WORKERS,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT_S,
@@ -312,6 +330,7 @@ class StatusServer:
                        "io_timeout": io_timeout}
         self.host, self._port = host, port
         self.registry, self.store, self.ready, self.token, self.tls = registry, store, ready, token, tls
+        self.pages = pages
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
