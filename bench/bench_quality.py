@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 POLICY_OFF = {"producer.skip_positions": 0, "producer.outlier_factor": None}
 
-# Runs in .venv-saelens: argv[1] is a JSON job; trains, folds the scale in, saves the SAE, prints seconds.
+# Runs in .venv-saelens: argv[1] is a JSON job; trains, folds decoder norms and the scale in, saves the SAE,
+# prints seconds.
 SAELENS_TRAIN = r"""
 import json, sys, time, torch
 from safetensors.torch import load_file
@@ -78,6 +79,8 @@ tcfg = SAETrainerConfig(total_training_samples=len(acts) // B * B, train_batch_s
 t0 = time.perf_counter()
 SAETrainer(tcfg, sae, batches()).fit()
 seconds = time.perf_counter() - t0
+sae.fold_W_dec_norm()  # unit decoder rows: rescale_acts_by_decoder_norm is then a no-op, and streamd has none
+sae.cfg.rescale_acts_by_decoder_norm = False
 sae.fold_activation_norm_scaling_factor(job["scale"])
 sae.save_model(job["out"])
 print(json.dumps({"seconds": seconds}))
