@@ -177,6 +177,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["policy", "nopolicy"], help="one file's phases (two processes can share the work; "
                     "the table needs both)")
+    ap.add_argument("--impl", choices=["streamd", "SAELens"], help="one trainer's phases (after the cache phase)")
     ap.add_argument("--warmup-tokens", type=int, default=UP_DEFAULTS["trainer.warmup_tokens"],
                     help="lr warm-up (streamd up: 200k; lower it for a smoke run shorter than that)")
     args = ap.parse_args()
@@ -214,6 +215,8 @@ def main() -> None:
             "SAELens": (saelens_dir, lambda: train_saelens(cfg, acts, saelens_dir, args.threads)),
         }
         for impl, (path, make) in train.items():
+            if args.impl not in (None, impl):
+                continue
             t = cached_json(root / f"train-{impl}-{tag}-{key}.json", make)
             print(f"train {impl} {tag}: {json.dumps(t)}", flush=True)
             ev = cached_json(root / f"eval-{impl}-{tag}-{key}.json",
