@@ -158,16 +158,16 @@ def train_saelens(cfg, acts: Path, out: Path, threads: int) -> dict:
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall": phase.wall, "scale": scale}
 
 
-def evaluate(cfg, sae_path: Path, eval_docs: int, kept: torch.Tensor, every: torch.Tensor) -> dict:
-    """``streamd eval`` on the held-out documents, plus FVU / L0 on the tokens the policy keeps and dead latents."""
-    (name, ev), = eval_checkpoint(cfg, str(sae_path), n_docs=eval_docs, device="cpu").items()
+def held_out_quality(sae_path: Path, kept: torch.Tensor, every: torch.Tensor) -> dict:
+    """FVU / L0 on the held-out tokens the policy keeps, and the fraction of latents that never fire on any
+    held-out token (cheap: not cached)."""
     sae = load_sae(sae_path)
     fires = torch.zeros(sae.d_sae, dtype=torch.bool)
     with torch.no_grad():
         for chunk in every.split(4096):
             fires |= (sae.encode(chunk.float()) > 0).any(0)
     q = fvu_l0(sae, kept)
-    return {**ev, "fvu_policy": q["fvu"], "l0_policy": q["l0"], "dead": 1 - float(fires.float().mean())}
+    return {"fvu_policy": q["fvu"], "l0_policy": q["l0"], "dead": 1 - float(fires.float().mean())}
 
 
 def main() -> None:
@@ -205,7 +205,9 @@ def main() -> None:
         info[f"cache {tag}"] = cached_json(acts.with_suffix(".json"),
                                            lambda: cache_acts(cfg, itertools.cycle(docs), tokens, acts))
         print(f"cache {tag}: {tokens:,} tokens, {json.dumps(info[f'cache {tag}'])}", flush=True)
-        held_kept = load_file_or_make(root / f"heldout-{tag}-{args.eval_docs}.safetensors", cfg, eval_texts)
+        # every SAE is measured on the same held-out tokens: those the policy keeps, and all of them
+        held_kept = load_file_or_make(root / f"heldout-policy-{args.eval_docs}.safetensors", conf(tokens, True),
+                                      eval_texts)
         held_all = load_file_or_make(root / f"heldout-nopolicy-{args.eval_docs}.safetensors",
                                      conf(tokens, False), eval_texts)
         run_dir = root / f"streamd-{tag}-{key}"
@@ -219,11 +221,12 @@ def main() -> None:
                 continue
             t = cached_json(root / f"train-{impl}-{tag}-{key}.json", make)
             print(f"train {impl} {tag}: {json.dumps(t)}", flush=True)
-            ev = cached_json(root / f"eval-{impl}-{tag}-{key}.json",
-                             lambda: evaluate(cfg, path, args.eval_docs, held_kept, held_all))
-            rows.append([f"{impl}, {'token policy' if policy else 'no policy'}", ev["ce_loss_score"], ev["kl_sae"],
-                         ev["fvu"], ev["fvu_policy"], ev["l0"], f"{100 * ev['dead']:.1f}%",
-                         t.get("seconds", 0.0)])
+            (ev,) = cached_json(root / f"eval-{impl}-{tag}-{key}.json",  # streamd eval: the model, three passes
+                                lambda: eval_checkpoint(cfg, str(path), n_docs=args.eval_docs, device="cpu")).values()
+            ev = {**ev, **held_out_quality(path, held_kept, held_all)}
+            rows.append([f"{impl}, {'token policy' if policy else 'no policy'}",
+                         *(f"{ev[k]:.3f}" for k in ("ce_loss_score", "kl_sae", "fvu", "fvu_policy")), ev["l0"],
+                         f"{100 * ev['dead']:.1f}%", round(t["seconds"])])
     print()
     print(f"{tokens:,} training tokens per SAE; held-out: KJV documents {EVAL_SKIP_DOCS}-"
           f"{EVAL_SKIP_DOCS + args.eval_docs - 1}, {ev['n_tokens']:,} scored predictions, {len(held_all):,} tokens "
