@@ -9,7 +9,7 @@ is done):
    (``skip_positions 0``, no outlier rule), ``--tokens`` rows each (a multiple of the batch). The held-out documents
    ``streamd eval`` reads (``EVAL_SKIP_DOCS`` .. + ``--eval-docs``) are left out of training.
 2. **train**: streamd's TopK (``streamd up``'s SAE and trainer settings: k 32, width 4608, batch 2048, lr warm-up
-   200k tokens, linear decay over the last 20%; ``trainer.outlier_factor`` and the held-out set off, so every row
+   ``--warmup-tokens`` (up: 200k), linear decay over the last 20%; ``trainer.outlier_factor`` and the held-out set off, so every row
    of the file is trained once) with the Trainer's file source; SAELens 6.x ``SAETrainer`` on ``TopKTrainingSAE``
    (its side venv ``.venv-saelens``; same width, k, lr, schedule, batch and rows, in one seeded shuffled order,
    scaled by the same constant as streamd's, E||x|| = sqrt(d) from the first 32,768 rows), exported in the SAELens
@@ -18,7 +18,8 @@ is done):
    token), FVU and L0 on the held-out tokens the policy keeps, and the dead fraction (latents that never fire on
    the held-out tokens).
 
-    .venv/bin/python bench/bench_quality.py [--tokens 1048576] [--eval-docs 64] [--threads 2]
+    .venv/bin/python bench/bench_quality.py [--tokens 1048576] [--eval-docs 64] [--warmup-tokens 200000]
+        [--threads 2] [--only policy|nopolicy] [--impl streamd|SAELens]   # --only / --impl: share the work
 """
 
 from __future__ import annotations
