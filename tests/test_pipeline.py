@@ -258,3 +258,30 @@ def test_token_policy_keeps_massive_position_1_tokens_off_the_wire(kafka_cfg, ti
         assert massive == 0
         assert counted == {"position": n_windows - 1, "norm": 1}  # the first window's position 1: the norm rule
         assert len(norms) == n_tokens - 1  # every other token published once
+
+
+@pytest.mark.parametrize("policy", ["default", "off"])
+def test_activation_rows_are_the_rows_run_publishes(kafka_cfg, tiny_llama_dir, tmp_path, policy):
+    """``activation_rows`` (what bench/bench_quality.py caches) gives, batch by batch, exactly the rows ``run``
+    publishes for the same documents, token policy included (position 1 made massive as above)."""
+    from streamd.produce.capture import first_tensor, site_module
+
+    corpus = _corpus(tmp_path / "c.txt", n_docs=30)
+    off = dict(skip_positions=0, outlier_factor=None) if policy == "off" else {}
+    cfg = _producer_cfg(kafka_cfg, tiny_llama_dir, corpus, "rows", **off)
+    published, cached = ActivationProducer(cfg), ActivationProducer(cfg)
+    sent = _publish_recorder(published)
+
+    def sink(_module, _inputs, output):
+        first_tensor(output)[:, 1] *= 100.0
+
+    hooks = [site_module(p.loaded.model, SITE, LAYER).register_forward_hook(sink) for p in (published, cached)]
+    try:
+        published.run()
+        rows = [b[(SITE, LAYER)].float() for b in cached.activation_rows(files([str(corpus)], "text"))]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(rows) == len(sent) and all(torch.equal(a, b) for a, b in zip(rows, sent))
+    dropped = cached.metrics.outlier_tokens.labels(producer="rows", site=f"{SITE}.{LAYER}", reason="norm")._value.get()
+    assert dropped == (0 if policy == "off" else 1)

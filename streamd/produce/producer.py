@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import kafka.errors as kerr
 import torch
@@ -315,28 +315,43 @@ class ActivationProducer:
             if self.stop_event.is_set() or not self._wait_for_trainer():
                 break
             topics = self._current_topics(pub)
-            host_ids = torch.stack([w.input_ids for w in batch])
-            keep = torch.stack([w.keep_mask for w in batch])
-            keep_dev = keep.to(self.device, non_blocking=True)
-            t0 = time.monotonic()
-            with torch.inference_mode():
-                acts = capture.capture(host_ids.to(self.device, non_blocking=True))
-            self.metrics.forward_seconds.observe(time.monotonic() - t0)
-            flat_ids = host_ids[keep]
-            prov = (torch.stack([w.doc_ord for w in batch])[keep] + base, torch.stack([w.doc_pos for w in batch])[keep])
-            skipped = sum(w.carried for w in batch)
-            for (site, layer), a in acts.items():
-                # select and convert where the model runs: only published tokens, at the wire dtype, cross
-                rows = a.detach()[keep_dev].to(self.wire_dtype).cpu()
-                rows, ids, site_prov = self._finite_rows(rows, flat_ids, prov)  # before the policy: overflow named
-                rows, ids, site_prov = self._policy((site, layer), rows, ids, site_prov, skipped)
-                self._publish(pub, topics[(site, layer)], self.site_ids[(site, layer)], rows, ids, site_prov)
+            for site, rows, ids, site_prov in self._site_rows(capture, batch, base):
+                self._publish(pub, topics[site], self.site_ids[site], rows, ids, site_prov)
             self.tracker.built(base + batch[-1].complete_through)
             for o in [o for o in self._metas if o <= base + batch[-1].complete_through]:
                 del self._metas[o]  # placed in messages already: their provenance travels there
-            self.tokens += int(keep.sum())
+            self.tokens += sum(int(w.keep_mask.sum()) for w in batch)
             if p.max_tokens is not None and self.tokens >= p.max_tokens:
                 break
+
+    def _site_rows(self, capture: ActivationCapture, batch: list, base: int) -> Iterator[tuple]:
+        """One batch of windows -> per site ``(site, rows, token_ids, provenance)`` exactly as published: one forward,
+        BOS / padding / carried positions masked out, at the wire dtype, non-finite tokens and the token policy's
+        outliers dropped."""
+        host_ids = torch.stack([w.input_ids for w in batch])
+        keep = torch.stack([w.keep_mask for w in batch])
+        keep_dev = keep.to(self.device, non_blocking=True)
+        t0 = time.monotonic()
+        with torch.inference_mode():
+            acts = capture.capture(host_ids.to(self.device, non_blocking=True))
+        self.metrics.forward_seconds.observe(time.monotonic() - t0)
+        flat_ids = host_ids[keep]
+        prov = (torch.stack([w.doc_ord for w in batch])[keep] + base, torch.stack([w.doc_pos for w in batch])[keep])
+        skipped = sum(w.carried for w in batch)
+        for site, a in acts.items():
+            # select and convert where the model runs: only published tokens, at the wire dtype, cross
+            rows = a.detach()[keep_dev].to(self.wire_dtype).cpu()
+            rows, ids, site_prov = self._finite_rows(rows, flat_ids, prov)  # before the policy: overflow named
+            yield (site, *self._policy(site, rows, ids, site_prov, skipped))
+
+    def activation_rows(self, documents: Iterable[str]) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
+        """Per batch of windows, each site's rows this producer would publish for ``documents``, without Kafka:
+        the same packing, capture and token policy (to cache activations to a file, e.g. bench/bench_quality.py)."""
+        p = self.pcfg
+        windows = pack_documents(self.loaded.tokenizer, documents, p.context_length, p.skip_positions)
+        with ActivationCapture(self.loaded.model, p.sites) as capture:
+            for batch in _batches(windows, p.batch_size):
+                yield {site: rows for site, rows, _, _ in self._site_rows(capture, batch, 0)}
 
     def _current_topics(self, pub: Publisher) -> dict[tuple[str, int], str]:
         """Each site's topic now (as the retention strategy names it), created on first use."""
