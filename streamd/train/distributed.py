@@ -95,7 +95,11 @@ class Collective:
                         "good checkpoint is the latest one on disk")
 
     def close(self) -> None:
+        """After a barrier: a rank that tore its group down while another still held connections to it could abort
+        in gloo's teardown ("terminate called without an active exception", seen on a loaded 2-core host)."""
         if tdist.is_initialized():
+            with self._failing("the closing barrier"):
+                tdist.barrier(group=self._control)
             tdist.destroy_process_group()
 
     # --- control plane (host values, gloo) -----------------------------------------------------------------------
