@@ -69,10 +69,8 @@ class InspectorRole:
         self._dir = cfg.inspect.out_dir / "dashboards"
         self._load_saved()
         i = cfg.inspect
-        token = i.token.get_secret_value() if i.token else None
-        tls = (i.tls_certfile, i.tls_keyfile) if i.tls_certfile and i.tls_keyfile else None
-        self.server = StatusServer(i.host, i.port, self.metrics.registry, None, self._ready, token, tls,
-                                   pages=self.page)
+        self.server = StatusServer.secured(i.host, i.port, i.token, i.tls_certfile, i.tls_keyfile,
+                                           self.metrics.registry, None, self._ready, pages=self.page)
 
     # ---- following ---------------------------------------------------------------------------------------------
 

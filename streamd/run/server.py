@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import SecretStr
 
 from streamd.files import sha256_file
 from streamd.run.checkpoints import MANIFEST, NAME_RE, CheckpointError, CheckpointStore, read_manifest
@@ -335,14 +336,21 @@ class StatusServer:
         self._thread: threading.Thread | None = None
 
     @classmethod
+    def secured(cls, host: str, port: int, token: SecretStr | None, certfile: Path | None, keyfile: Path | None,
+                registry: CollectorRegistry, store: CheckpointStore | None, ready: ReadyFn, **kw: Any) -> StatusServer:
+        """A server behind a configured bearer token (a secret, or None) and TLS pair (both files, or neither):
+        the trainer's (``from_config``) and the inspector's."""
+        tls = (certfile, keyfile) if certfile and keyfile else None
+        return cls(host, port, registry, store, ready, token.get_secret_value() if token else None, tls, **kw)
+
+    @classmethod
     def from_config(
         cls, cfg: MetricsConfig, registry: CollectorRegistry, store: CheckpointStore | None, ready: ReadyFn
     ) -> StatusServer:
         """A server for ``metrics.*`` (host, port, checkpoint token, TLS pair): what the trainer serves."""
-        token = cfg.checkpoint_token.get_secret_value() if cfg.checkpoint_token else None
-        tls = (cfg.tls_certfile, cfg.tls_keyfile) if cfg.tls_certfile and cfg.tls_keyfile else None
-        return cls(cfg.host, cfg.port, registry, store, ready, token, tls, workers=cfg.http_workers,
-                   max_connections=cfg.http_max_connections, header_timeout=cfg.http_header_timeout_seconds)
+        return cls.secured(cfg.host, cfg.port, cfg.checkpoint_token, cfg.tls_certfile, cfg.tls_keyfile, registry,
+                           store, ready, workers=cfg.http_workers, max_connections=cfg.http_max_connections,
+                           header_timeout=cfg.http_header_timeout_seconds)
 
     def start(self) -> StatusServer:
         server_cls = _Server6 if ":" in self.host else _Server
