@@ -283,3 +283,46 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_final_checkpoint(broker
     assert tokens == lines[0][-1]["tokens"] > 0
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert int(latest[:6]) >= 2  # a time-based checkpoint before the final one
+
+
+# rank 0's store fails its first checkpoint (ENOSPC from the one place it writes bytes), then works again
+_FAIL_FIRST_CHECKPOINT = """
+import errno, os, sys
+from streamd.run import checkpoints
+real, failed = checkpoints.write_bytes, []
+def write_bytes(path, data):
+    if os.environ["RANK"] == "0" and not failed:
+        failed.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real(path, data)
+checkpoints.write_bytes = write_bytes
+from streamd.cli import main
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+def test_a_checkpoint_that_failed_on_rank_0_is_written_when_its_back_off_ends(broker, tmp_path):
+    """Only rank 0 knows that a checkpoint failed; it says so at the next step exchange, and the ranks write it as
+    soon as the back-off is over, not at the next due time (as the one-process loop keeps a failed one due)."""
+    kafka = _kafka(broker, 2)
+    publish(kafka, random_acts(16_000, 16, seed=5), tokens_per_msg=50, partitions=2)
+    run = tmp_path / "run"
+    cfg = trainer_config(kafka, run, every_tokens=4096, max_tokens=12_288, collective_timeout_seconds=TIMEOUT_S,
+                         checkpoints={"retry_seconds": 1e-3, "retry_max_seconds": 1e-3})
+    cfg.checkpoints.keep_last = 10
+    path = write_config(cfg, tmp_path / "c.yaml")
+    procs = [subprocess.Popen([sys.executable, "-c", _FAIL_FIRST_CHECKPOINT, str(path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=rank_env(r, 2, tmp_path / "rendezvous"))
+             for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert "checkpoint at 4096 tokens failed" in errs[0]
+    store = CheckpointStore(run, 10, writer=False)
+    written = sorted(c.tokens for c in store.list())
+    # the one that failed at 4096 is written a step later, before the next one is due at 8192
+    assert any(4096 < t < 8192 for t in written), written
+    assert written[-1] == 12_288

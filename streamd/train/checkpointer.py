@@ -102,6 +102,14 @@ class Checkpointer:
         self.failures = 0  # in a row
         self._retry_at = 0.0
 
+    def owed(self) -> float:
+        """Data-parallel, rank 0's word at the step exchange (only it knows how a write went): 1.0 when a write
+        failed and its back-off is over (every rank checkpoints now, due or not), -1.0 while the back-off runs (no
+        rank checkpoints, however due), 0.0 otherwise."""
+        if not self.failures:
+            return 0.0
+        return 1.0 if self.clock() >= self._retry_at else -1.0
+
     def write(self, tokens: int, intake: Intake, learners: dict[str, Learner], *, final: bool = False) -> Path | None:
         """Checkpoint now; None when there is nothing to save yet, the write failed or a failure's back-off is not
         over (training goes on), or on a rank other than 0. ``final`` (the run ends): tried even during a back-off."""

@@ -361,7 +361,9 @@ class Trainer:
     def _run_parallel(self) -> None:
         """Data-parallel: every rank steps together. Each round the ranks exchange what they bring (a full buffer's
         batch, or nothing: a zero-weight step), stop and checkpoint requests; a round where nobody has a batch
-        trains nothing. A rank waits at most 0.5 s for data while nobody trains, not at all while others do."""
+        trains nothing. A rank waits at most 0.5 s for data while nobody trains, not at all while others do.
+        A checkpoint that failed on rank 0 is owed: the ranks write it when rank 0's back-off is over, as the
+        one-process loop keeps it due."""
         t, stepping = self.tcfg, False
         while t.max_tokens is None or self.tokens < t.max_tokens:
             ready = self.intake.fill(patience=0.0 if stepping else 0.5)
@@ -369,11 +371,12 @@ class Trainer:
             own_norm = (math.sqrt(buf.d_in) / scale if scale and not self._scale_agreed else 0.0)
             weight = self.intake.scale_tokens if own_norm else 0
             due = stepping and self.cadence.checkpoint_due(self.tokens, time.monotonic())
+            owed = self.checkpointer.owed() if self.rank == 0 else 0.0
             rows = self.collective.exchange([t.batch_size if ready else 0, float(self.stop_event.is_set()), float(due),
-                                             buf.d_in if buf else (t.d_in or 0), own_norm * weight, weight])
+                                             buf.d_in if buf else (t.d_in or 0), own_norm * weight, weight, owed])
             if rows[:, 1].any():
                 break
-            if rows[:, 2].any():
+            if rows[0, 6] > 0 or (rows[:, 2].any() and rows[0, 6] == 0):
                 self.checkpoint()
                 self.cadence.checkpointed(self.tokens)
             total = int(rows[:, 0].sum())
