@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 Site = Literal["resid_post", "mlp_out", "attn_out"]
 ModelDType = Literal["float32", "bfloat16", "float16"]
+# The producer's compute dtype may also be "auto" (torch_utils.resolve_dtype: bfloat16 where the device computes it
+# natively, float32 elsewhere).
+ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]
 DEFAULT_ARCHITECTURE = "topk"  # of an SAE config without ``architecture``
 
 
@@ -213,7 +216,8 @@ class FeedConfig(Strict):
 
 class ProducerConfig(Strict):
     model_path: str | None = Field(None, description="HF directory or .gguf file; None = shipped SmolLM2-135M")
-    dtype: ModelDType = "float32"
+    dtype: ComputeDType = Field("float32", description="the model's compute dtype; auto: bfloat16 on a CUDA device "
+                                "or a CPU with native bf16 (AVX512-BF16, AMX), float32 elsewhere")
     wire_dtype: ModelDType = "float16"
     sites: list[SiteSpec] = Field(default_factory=lambda: [SiteSpec()], min_length=1)
     context_length: int = Field(128, ge=2, le=32768)

@@ -16,6 +16,25 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls in hardware: a CUDA device that supports bf16, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere torch emulates them (on an AVX2-only EPYC here, 0.9 GFLOP/s against 35 for float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's, private
+        return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """A config's model dtype: ``auto`` is bfloat16 where the device computes it natively (half the memory and,
+    there, faster), else float32; any other name is itself."""
+    if name != "auto":
+        return TORCH_DTYPES[name]
+    return torch.bfloat16 if native_bf16(torch.device(device)) else torch.float32
+
+
 def resolve_device(name: str) -> torch.device:
     """A config's device: ``auto`` is CUDA when there is one, else the CPU; a CUDA device on a host without CUDA is an
     error now (naming the setting's value), not a failure deep inside the first copy to it."""

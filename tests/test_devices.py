@@ -3,13 +3,15 @@ CUDA path has to run for these to fail when they are wrong)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from streamd.config import StreamdConfig
 from streamd.produce.producer import ActivationProducer
 from streamd.run.lock import RunLock
-from streamd.torch_utils import resolve_device, to_cpu
+from streamd.torch_utils import resolve_device, resolve_dtype, to_cpu
 from streamd.train.buffer import ShuffleBuffer
 from streamd.train.trainer import Trainer
 from tests.streamd_testing import trainer_config
@@ -40,6 +42,24 @@ def test_producer_device_auto_loads_the_model(kafka_cfg, tiny_llama_dir, tmp_pat
     prod = ActivationProducer(cfg)
     assert prod.device == resolve_device("auto")
     assert next(prod.loaded.model.parameters()).device.type == prod.device.type
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from /proc/cpuinfo")
+def test_auto_dtype_is_bfloat16_only_on_a_cpu_that_computes_it(kafka_cfg, tiny_llama_dir, tmp_path):
+    """``producer.dtype: auto`` (what ``streamd up`` runs) is bf16 only where the CPU has AVX512-BF16 or AMX, as the
+    kernel reports them: elsewhere torch emulates bf16 matmuls, ~40x slower than float32 on an AVX2 EPYC."""
+    native = bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("float16", "cpu") == torch.float16
+    cfg = _producer_cfg(kafka_cfg, tiny_llama_dir, _corpus(tmp_path / "c.txt"), "auto", dtype="auto")
+    assert next(ActivationProducer(cfg).loaded.model.parameters()).dtype == resolve_dtype("auto", "cpu")
+    with pytest.raises(ValueError, match="wire_dtype"):
+        StreamdConfig.model_validate({"producer": {"wire_dtype": "auto"}})
 
 
 def test_buffer_keeps_its_state_and_generator_on_its_device():

@@ -20,7 +20,7 @@ from torch import nn
 from streamd.files import cache_root
 from streamd.identity import ModelLoadError, default_model_path, model_content_hash
 from streamd.produce.capture import blocks
-from streamd.torch_utils import TORCH_DTYPES
+from streamd.torch_utils import TORCH_DTYPES, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,11 @@ def load_frozen_model(path: str | Path | None, dtype: str = "float32", device: s
     src = Path(path).expanduser() if path is not None else default_model_path()
     if not src.exists():
         raise ModelLoadError(f"model path {src} does not exist (expected an HF model directory or a .gguf file)")
-    if dtype not in TORCH_DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+    if dtype not in (*TORCH_DTYPES, "auto"):
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)} or auto")
+    torch_dtype = resolve_dtype(dtype, device)
+    if dtype == "auto":
+        log.info("model dtype auto: %s on %s", str(torch_dtype).removeprefix("torch."), device)
     model_hash = model_content_hash(src)
     hf_dir = src
     if src.is_file():
@@ -93,7 +96,7 @@ def load_frozen_model(path: str | Path | None, dtype: str = "float32", device: s
             _convert_gguf(src, hf_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=TORCH_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the model at {src}: {e}") from e
     model.to(device).eval().requires_grad_(False)
