@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from streamd.torch_utils import QuietOnce
+from streamd.torch_utils import CompiledOrEager, QuietOnce
 
 
 def topk_codes(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,6 +73,18 @@ def _sampled_dots(crow: Tensor, col: Tensor, g: Tensor, w_dec: Tensor) -> Tensor
     return torch.sparse.sampled_addmm(mask, g, w_dec.T, beta=0.0).values()
 
 
+def select(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
+           batch_topk: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(x - b_dec, pre-activations, CSR codes): the dense front of the step, and the part ``torch.compile`` can take
+    (creating the sparse tensor after it breaks a compiled graph)."""
+    xc = x - b_dec
+    pre = torch.addmm(b_enc, xc, w_enc)  # as base.pre_activations: the dense path's selection, bit for bit
+    return xc, pre, *(batch_topk_codes if batch_topk else topk_codes)(pre, min(k, w_enc.shape[1]))
+
+
+compiled_select = CompiledOrEager(select, "the sparse step's encoder and selection")  # trainer.compile
+
+
 class SparseTopKLoss(torch.autograd.Function):
     """Loss of a TopK / BatchTopK SAE on ``x`` with AuxK; returns ``(loss, mse, auxk, x_hat, fires, l0, kept)``.
 
@@ -80,16 +92,16 @@ class SparseTopKLoss(torch.autograd.Function):
     ``kept`` the ReLU'd selected values (BatchTopK's threshold estimate reads it); only ``loss``, ``mse`` and
     ``auxk`` carry gradients. ``dead_mask`` is None or a bool [d_sae]; ``aux_scale`` is a 0-d tensor (AuxK's
     down-weighting when fewer than ``aux_k`` latents are dead), so no value has to come back to the host.
+    ``compile_select``: :func:`select` runs compiled (``trainer.compile``).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor,
                 dead_mask: Tensor | None, k: int, batch_topk: bool, aux_k: int, aux_coefficient: float,
-                aux_scale: Tensor) -> tuple[Tensor, ...]:
+                aux_scale: Tensor, compile_select: bool = False) -> tuple[Tensor, ...]:
         b, f = x.shape[0], w_dec.shape[0]
-        xc = x - b_dec
-        pre = torch.addmm(b_enc, xc, w_enc)  # as base.pre_activations: the dense path's selection, bit for bit
-        crow, col, raw = (batch_topk_codes if batch_topk else topk_codes)(pre, min(k, f))
+        xc, pre, crow, col, raw = (compiled_select if compile_select else select)(x, w_enc, b_enc, b_dec, k,
+                                                                                  batch_topk)
         val = raw.relu()
         x_hat = torch.sparse.mm(_csr(crow, col, val, (b, f)), w_dec) + b_dec
         err = x_hat - x
@@ -136,4 +148,4 @@ class SparseTopKLoss(torch.autograd.Function):
             g_w_enc_t = g_w_enc_t + torch.sparse.mm(_csr(t_crow, t_col, g_lat[perm], (f, b)), xc)
             g_b_enc = g_b_enc + torch.bincount(co, weights=g_lat, minlength=f)
         g_b_dec = g_rec.sum(0) - w_enc @ g_b_enc
-        return None, g_w_enc_t.T, g_b_enc, g_w_dec, g_b_dec, None, None, None, None, None, None
+        return None, g_w_enc_t.T, g_b_enc, g_w_dec, g_b_dec, None, None, None, None, None, None, None

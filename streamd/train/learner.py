@@ -93,6 +93,8 @@ class Learner:
                                     fused=self.fused_adam or None)
         self.autocast = trainer_cfg.autocast_bf16 and self.device.type == "cuda"
         self.sparse = trainer_cfg.sparse_step and self.sae.sparse_step  # TopK family: the sparse step
+        if self.sparse:
+            self.sae.compile_select = trainer_cfg.compile
         self.window = StatWindow(trainer_cfg.stats_window_tokens, trainer_cfg.batch_size, self.device)
         self.tokens_seen = 0
         self.steps = 0
