@@ -3,10 +3,13 @@
 Implementations (each: forward, backward, the decoder-parallel gradient removed, grad-norm clip, Adam, unit-norm
 decoder; AuxK on, with the same dead mask):
 
-- **streamd sparse**: ``streamd.train.learner.Learner`` with the sparse TopK step (the default);
+- **streamd sparse**: ``streamd.train.learner.Learner`` with the sparse TopK step (the default) on torch's sparse
+  products (``trainer.triton_decoder: off``);
 - **streamd dense**: the same Learner on the dense autograd path (the reference the sparse step is tested against);
 - **streamd compiled** (``--compile``): the sparse step with ``trainer.compile`` (its encoder and selection through
   ``torch.compile``; the compile itself happens in the warm-up step, outside the timing);
+- **streamd triton** (``--triton``, CUDA with triton): the sparse step on the Triton decoder kernels
+  (``trainer.triton_decoder: on``, ``streamd/sae/triton_decoder.py``);
 - **sparsify**: EleutherAI sparsify 1.3.3 ``SparseCoder`` (PyPI ``eai-sparsify``, the ``bench`` extra): its fused
   encoder with sparse backward and its ``embedding_bag`` decoder (no Triton here), ``fvu + auxk/32`` loss;
 - **SAELens**: ``TopKTrainingSAE.training_forward_pass`` + backward + clip + Adam, as ``SAETrainer._train_step``
@@ -20,7 +23,7 @@ implementations; the best round counts. "CPU util" is process CPU seconds / wall
 util is near 2.
 
     .venv/bin/python bench/bench_step.py [--quick] [--threads 2] [--rows d256-w2048-k8,...] [--device cpu|cuda]
-        [--compile] [--no-peers]
+        [--compile] [--triton] [--no-peers]
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 GRID = [(d, w, k) for d in (256, 576) for w in (2048, 4608, 16384, 32768) for k in (8, 32)]
 QUICK = [(256, 2048, 8), (576, 4608, 32)]
 # optional streamd rows, each a flag of the same name: TrainerConfig fields on top of the sparse step's
-VARIANTS = {"compile": {"compile": True}}
+VARIANTS = {"compile": {"compile": True}, "triton": {"triton_decoder": "on"}}
 
 # Runs in .venv-saelens: one line of JSON per command on stdin -> one line of JSON (seconds, cpu seconds) on stdout.
 SAELENS_WORKER = r"""
@@ -120,7 +123,7 @@ def timed(step, steps: int, device: str) -> Phase:
 
 
 def streamd_step(d: int, w: int, k: int, x: torch.Tensor, device: str, **trainer):
-    """One Learner step on ``x``; ``trainer``: TrainerConfig fields (sparse_step, compile)."""
+    """One Learner step on ``x``; ``trainer``: TrainerConfig fields (sparse_step, compile, triton_decoder)."""
     from streamd.config import SAEConfig, TrainerConfig
     from streamd.train.learner import Learner
 
@@ -159,7 +162,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-peers", action="store_true", help="streamd only")
     ap.add_argument("--compile", action="store_true", help="add the sparse step with trainer.compile")
+    ap.add_argument("--triton", action="store_true", help="add the sparse step on the Triton decoder (CUDA)")
     args = ap.parse_args()
+    if args.triton and args.device != "cuda":
+        ap.error("--triton needs --device cuda (the Triton decoder runs on CUDA only)")
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -186,7 +192,7 @@ def main() -> None:
             input_path = Path(tmp) / "x.safetensors"
             save_file({"x": x}, str(input_path))
             x = x.to(args.device)
-            impls = {"sparse": streamd_step(d, w, k, x, args.device),
+            impls = {"sparse": streamd_step(d, w, k, x, args.device, triton_decoder="off"),
                      "dense": streamd_step(d, w, k, x, args.device, sparse_step=False)}
             for name in variants:
                 impls[name] = streamd_step(d, w, k, x, args.device, **VARIANTS[name])
