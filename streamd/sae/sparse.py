@@ -15,6 +15,10 @@ AuxK (Gao et al.) runs the same way on the ``aux_k`` largest pre-activations of 
 the main model's residual. The whole loss is one ``autograd.Function`` with a hand-written backward, so the learner's
 ``loss.backward()``, gradient projection, clipping and Adam are the same for the dense and the sparse step, and a
 test checks that both give the same gradients.
+
+The three decoder products (decode, latent dots, transposed scatter) are :class:`TorchOps` (torch's CSR kernels) or,
+on CUDA, the Triton kernels of :mod:`streamd.sae.triton_decoder` (``trainer.triton_decoder``). The dense front
+before them, :func:`select`, can run through ``torch.compile`` (``trainer.compile``).
 """
 
 from __future__ import annotations
