@@ -39,6 +39,23 @@ def test_kernels_on_the_gpu():
     assert run.returncode == 0 and "4 passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
 
 
+@needs_triton
+@pytest.mark.parametrize("values", ["fp32", "bf16"])  # bf16: the codes' values under trainer.autocast_bf16
+def test_kernels_compile_for_a_gpu(values):
+    """Without a GPU: every kernel through Triton's real compiler to an sm_90 cubin (ptxas ships in the wheel), what
+    the interpreter does not exercise (types of the loop-carried values, masks, atomics)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from streamd.sae import triton_decoder
+
+    kinds = {"crow": "*i64", "col": "*i64", "out": "*fp32"}
+    for kernel in (triton_decoder._decode_kernel, triton_decoder._dots_kernel, triton_decoder._scatter_kernel):
+        signature = {n: "constexpr" if n in ("D", "BLOCK") else kinds.get(n, f"*{values}") for n in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature, constexprs={"D": 576, "BLOCK": triton_decoder.BLOCK_D})
+        assert compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"], kernel.__name__
+
+
 def test_the_setting_resolves_per_device():
     cpu = torch.device("cpu")
     assert decoder_ops("auto", cpu) is TorchOps and decoder_ops("off", torch.device("cuda")) is TorchOps
