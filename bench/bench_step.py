@@ -3,8 +3,13 @@
 Implementations (each: forward, backward, the decoder-parallel gradient removed, grad-norm clip, Adam, unit-norm
 decoder; AuxK on, with the same dead mask):
 
-- **streamd sparse**: ``streamd.train.learner.Learner`` with the sparse TopK step (the default);
+- **streamd sparse**: ``streamd.train.learner.Learner`` with the sparse TopK step (the default) on torch's sparse
+  products (``trainer.triton_decoder: off``);
 - **streamd dense**: the same Learner on the dense autograd path (the reference the sparse step is tested against);
+- **streamd compiled** (``--compile``): the sparse step with ``trainer.compile`` (its encoder and selection through
+  ``torch.compile``; the compile itself happens in the warm-up step, outside the timing);
+- **streamd triton** (``--triton``, CUDA with triton): the sparse step on the Triton decoder kernels
+  (``trainer.triton_decoder: on``, ``streamd/sae/triton_decoder.py``);
 - **sparsify**: EleutherAI sparsify 1.3.3 ``SparseCoder`` (PyPI ``eai-sparsify``, the ``bench`` extra): its fused
   encoder with sparse backward and its ``embedding_bag`` decoder (no Triton here), ``fvu + auxk/32`` loss;
 - **SAELens**: ``TopKTrainingSAE.training_forward_pass`` + backward + clip + Adam, as ``SAETrainer._train_step``
@@ -18,6 +23,7 @@ implementations; the best round counts. "CPU util" is process CPU seconds / wall
 util is near 2.
 
     .venv/bin/python bench/bench_step.py [--quick] [--threads 2] [--rows d256-w2048-k8,...] [--device cpu|cuda]
+        [--compile] [--triton] [--no-peers]
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 GRID = [(d, w, k) for d in (256, 576) for w in (2048, 4608, 16384, 32768) for k in (8, 32)]
 QUICK = [(256, 2048, 8), (576, 4608, 32)]
+# optional streamd rows, each a flag of the same name: TrainerConfig fields on top of the sparse step's
+VARIANTS = {"compile": {"compile": True}, "triton": {"triton_decoder": "on"}}
 
 # Runs in .venv-saelens: one line of JSON per command on stdin -> one line of JSON (seconds, cpu seconds) on stdout.
 SAELENS_WORKER = r"""
@@ -114,11 +122,12 @@ def timed(step, steps: int, device: str) -> Phase:
     return phase.stop()
 
 
-def streamd_step(d: int, w: int, k: int, x: torch.Tensor, sparse: bool, device: str):
+def streamd_step(d: int, w: int, k: int, x: torch.Tensor, device: str, **trainer):
+    """One Learner step on ``x``; ``trainer``: TrainerConfig fields (sparse_step, compile, triton_decoder)."""
     from streamd.config import SAEConfig, TrainerConfig
     from streamd.train.learner import Learner
 
-    tcfg = TrainerConfig(site_id="ab", warmup_tokens=0, device=device, sparse_step=sparse,
+    tcfg = TrainerConfig(site_id="ab", warmup_tokens=0, device=device, **trainer,
                          saes=[SAEConfig(name="b", architecture="topk", d_sae=w, k=k)])
     learner = Learner(tcfg.saes[0], d, tcfg, device)
     return lambda: learner.step(x)
@@ -152,7 +161,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-peers", action="store_true", help="streamd only")
+    ap.add_argument("--compile", action="store_true", help="add the sparse step with trainer.compile")
+    ap.add_argument("--triton", action="store_true", help="add the sparse step on the Triton decoder (CUDA)")
     args = ap.parse_args()
+    if args.triton and args.device != "cuda":
+        ap.error("--triton needs --device cuda (the Triton decoder runs on CUDA only)")
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -167,6 +180,9 @@ def main() -> None:
     worker = SAELensWorker(args.threads) if SAELENS_PY.exists() and not args.no_peers else None
     if worker is None and not args.no_peers:
         print(f"{SAELENS_PY} missing (scripts/saelens_venv.sh): the SAELens column is empty")
+    variants = [name for name in VARIANTS if getattr(args, name)]
+    headers = ["SAE", "sparse tok/s", "dense tok/s", "sparsify tok/s", "SAELens tok/s", "vs sparsify", "vs SAELens",
+               "vs dense", *(h for n in variants for h in (f"{n} tok/s", f"{n} / sparse")), "CPU util"]
     out_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for d, w, k in rows:
@@ -176,8 +192,10 @@ def main() -> None:
             input_path = Path(tmp) / "x.safetensors"
             save_file({"x": x}, str(input_path))
             x = x.to(args.device)
-            impls = {"sparse": streamd_step(d, w, k, x, True, args.device),
-                     "dense": streamd_step(d, w, k, x, False, args.device)}
+            impls = {"sparse": streamd_step(d, w, k, x, args.device, triton_decoder="off"),
+                     "dense": streamd_step(d, w, k, x, args.device, sparse_step=False)}
+            for name in variants:
+                impls[name] = streamd_step(d, w, k, x, args.device, **VARIANTS[name])
             if have_sparsify:
                 impls["sparsify"] = sparsify_step(d, w, k, x, args.device)
             best: dict[str, Phase] = {}
@@ -192,14 +210,13 @@ def main() -> None:
             ratio = lambda peer: rate["sparse"] / rate[peer] if peer in rate else "-"  # noqa: E731
             out_rows.append([f"d {d} w {w} k {k} B {batch}", rate["sparse"], rate["dense"], rate.get("sparsify", "-"),
                              rate.get("saelens", "-"), ratio("sparsify"), ratio("saelens"), ratio("dense"),
+                             *(x for n in variants for x in (rate[n], rate[n] / rate["sparse"])),
                              " ".join(f"{best[n].util:.1f}" for n in best)])
-            print(table(["SAE", "sparse tok/s", "dense tok/s", "sparsify tok/s", "SAELens tok/s", "vs sparsify",
-                         "vs SAELens", "vs dense", "CPU util (" + "/".join(best) + ")"], out_rows[-1:]), flush=True)
+            print(table(headers[:-1] + ["CPU util (" + "/".join(best) + ")"], out_rows[-1:]), flush=True)
     if worker is not None:
         worker.close()
     print()
-    print(table(["SAE", "sparse tok/s", "dense tok/s", "sparsify tok/s", "SAELens tok/s", "vs sparsify", "vs SAELens",
-                 "vs dense", "CPU util"], out_rows))
+    print(table(headers, out_rows))
     print(f"load average at end {load_average()}")
 
 

@@ -19,9 +19,13 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$out/env.txt"
 # 1. the tests with CUDA variants (they run on the CPU too; on a GPU host each adds its cuda case)
 $py -m pytest -q -p no:cacheprovider tests/test_sparse_step.py tests/test_devices.py tests/test_buffer.py \
-  tests/test_stats_window.py 2>&1 | tee "$out/tests.txt"
-# 2. the step benchmark: streamd's sparse and dense steps (and sparsify where installed), bf16 autocast off
+  tests/test_stats_window.py tests/test_triton_decoder.py 2>&1 | tee "$out/tests.txt"
+# 2. the step benchmark: streamd's sparse and dense steps (and sparsify where installed), bf16 autocast off; on CUDA
+#    with triton also the sparse step on the Triton decoder (--triton), side by side
 if [ "$dev" = cuda ]; then rows="d576-w16384-k32,d576-w32768-k32,d2048-w65536-k64"; steps=20; else
   rows="d256-w2048-k8"; steps=2; fi
-$py bench/bench_step.py --device "$dev" --rows "$rows" --steps "$steps" --reps 3 --no-peers 2>&1 | tee "$out/bench_step.txt"
+variants=""
+if [ "$dev" = cuda ] && $py -c "import triton" 2>/dev/null; then variants="--triton"; fi
+$py bench/bench_step.py --device "$dev" --rows "$rows" --steps "$steps" --reps 3 --no-peers $variants 2>&1 \
+  | tee "$out/bench_step.txt"
 echo "device check done: $out"

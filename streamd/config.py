@@ -377,6 +377,12 @@ class TrainerConfig(Strict):
     autocast_bf16: bool = False
     sparse_step: bool = Field(True, description="TopK-family SAEs train with the sparse step (streamd.sae.sparse); "
                               "false: the dense autograd path it is tested against")
+    compile: bool = Field(False, description="the sparse step's encoder matmul and top-k selection run through "
+                          "torch.compile; where the host cannot compile (no C++ compiler), eager after one warning")
+    triton_decoder: Literal["auto", "on", "off"] = Field(
+        "auto", description="the sparse step's decoder products as Triton kernels (streamd.sae.triton_decoder): "
+        "auto: on a CUDA device where triton imports; on: required (an error at start otherwise); off: torch's CSR "
+        "kernels")
     saes: list[AnySAEConfig] = Field(default_factory=lambda: [SAEConfig(name="topk-k32")], min_length=1)
     warmup_tokens: int = Field(1_000_000, ge=0, description="lr and sparsity-penalty warm-up")
     max_tokens: int | None = Field(None, ge=1, description="stop after this many; enables lr decay")

@@ -1,5 +1,5 @@
 """Small torch helpers shared by producer, trainer, eval and benches: dtype names, the thread count, a torch call
-whose one-time warning is noise."""
+whose one-time warning is noise, a function compiled where the host can compile it."""
 
 from __future__ import annotations
 
@@ -93,3 +93,34 @@ class QuietOnce:
             out = self.fn(*args, **kwargs)
         self.quiet = True
         return out
+
+
+class CompiledOrEager:
+    """``fn`` through ``torch.compile`` where this host can compile it, else ``fn`` itself after one warning.
+
+    Compilation happens at a call (the first, and again for a new shape), and it fails there on a host without a
+    working C++ compiler, on a platform inductor does not support, or on an inductor bug; ``fn`` must therefore be
+    free of side effects, so that the failed call can simply run again eagerly. Any exception from the compiled
+    call is retried eagerly: one that eager raises too was ``fn``'s own and propagates (compilation stays on);
+    otherwise compilation is off for good, and the warning names the reason. Nothing is compiled before the first
+    call (importing a module that holds one costs nothing).
+    """
+
+    def __init__(self, fn: Callable[..., Any], what: str) -> None:
+        self.fn, self.what = fn, what
+        self._compiled: Callable[..., Any] | None = None
+        self.failure: str | None = None  # why compilation is off, once it is
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failure is not None:
+            return self.fn(*args)
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.fn)
+            return self._compiled(*args)
+        except Exception as e:  # noqa: BLE001 - whatever compiling raised; eager decides below whose error it is
+            out = self.fn(*args)
+            lines = str(e).strip().splitlines()
+            self.failure = f"{type(e).__name__}: {lines[0] if lines else ''}"
+            log.warning("torch.compile is not usable here, %s runs eagerly (%s)", self.what, self.failure)
+            return out

@@ -37,6 +37,13 @@ def test_cuda_on_a_host_without_it_fails_at_start_naming_the_value(kafka_cfg, tm
     RunLock(tmp_path / "run").release()  # and the failed start released the run's lock
 
 
+def test_triton_decoder_on_without_cuda_fails_at_start(kafka_cfg, tmp_path):
+    cfg = trainer_config(kafka_cfg, tmp_path / "run", triton_decoder="on")
+    with pytest.raises(ValueError, match=r"trainer.triton_decoder: on needs a CUDA device \(trainer.device is cpu\)"):
+        Trainer(cfg)
+    RunLock(tmp_path / "run").release()
+
+
 def test_producer_device_auto_loads_the_model(kafka_cfg, tiny_llama_dir, tmp_path):
     cfg: StreamdConfig = _producer_cfg(kafka_cfg, tiny_llama_dir, _corpus(tmp_path / "c.txt"), "auto", device="auto")
     prod = ActivationProducer(cfg)

@@ -15,6 +15,10 @@ AuxK (Gao et al.) runs the same way on the ``aux_k`` largest pre-activations of 
 the main model's residual. The whole loss is one ``autograd.Function`` with a hand-written backward, so the learner's
 ``loss.backward()``, gradient projection, clipping and Adam are the same for the dense and the sparse step, and a
 test checks that both give the same gradients.
+
+The three decoder products (decode, latent dots, transposed scatter) are :class:`TorchOps` (torch's CSR kernels) or,
+on CUDA, the Triton kernels of :mod:`streamd.sae.triton_decoder` (``trainer.triton_decoder``). The dense front
+before them, :func:`select`, can run through ``torch.compile`` (``trainer.compile``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from streamd.torch_utils import QuietOnce
+from streamd.torch_utils import CompiledOrEager, QuietOnce
 
 
 def topk_codes(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,6 +77,54 @@ def _sampled_dots(crow: Tensor, col: Tensor, g: Tensor, w_dec: Tensor) -> Tensor
     return torch.sparse.sampled_addmm(mask, g, w_dec.T, beta=0.0).values()
 
 
+class TorchOps:
+    """The decoder products on CSR codes with torch's sparse kernels, on any device (the Triton ones:
+    :mod:`streamd.sae.triton_decoder`, with the same signatures)."""
+
+    @staticmethod
+    def decode(crow: Tensor, col: Tensor, val: Tensor, w_dec: Tensor) -> Tensor:
+        """``codes @ W_dec``: a gather-sum of each token's selected rows."""
+        return torch.sparse.mm(_csr(crow, col, val, (crow.shape[0] - 1, w_dec.shape[0])), w_dec)
+
+    dots = staticmethod(_sampled_dots)
+
+    @staticmethod
+    def scatter(crow: Tensor, col: Tensor, pairs: list[tuple[Tensor, Tensor]], n_latents: int) -> list[Tensor]:
+        """``codesᵀ @ rows`` for each ``(values, rows)`` pair on the same pattern, sorted once."""
+        t_crow, t_col, perm = _transposed(crow, col, n_latents)
+        return [torch.sparse.mm(_csr(t_crow, t_col, v[perm], (n_latents, rows.shape[0])), rows) for v, rows in pairs]
+
+
+def decoder_ops(setting: str, device: torch.device) -> Any:
+    """``trainer.triton_decoder`` on ``device``: the Triton kernels (``auto``: on CUDA where triton imports; ``on``:
+    required, else a ValueError naming what is missing) or :class:`TorchOps`."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return TorchOps
+    if device.type != "cuda":
+        raise ValueError(f"trainer.triton_decoder: on needs a CUDA device (trainer.device is {device}); use auto "
+                         "or off")
+    try:
+        from streamd.sae import triton_decoder
+    except ImportError as e:
+        if setting == "on":
+            raise ValueError(f"trainer.triton_decoder: on, but triton does not import ({e}); install triton or "
+                             "use auto or off") from None
+        return TorchOps
+    return triton_decoder
+
+
+def select(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
+           batch_topk: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(x - b_dec, pre-activations, CSR codes): the dense front of the step, and the part ``torch.compile`` can take
+    (creating the sparse tensor after it breaks a compiled graph)."""
+    xc = x - b_dec
+    pre = torch.addmm(b_enc, xc, w_enc)  # as base.pre_activations: the dense path's selection, bit for bit
+    return xc, pre, *(batch_topk_codes if batch_topk else topk_codes)(pre, min(k, w_enc.shape[1]))
+
+
+compiled_select = CompiledOrEager(select, "the sparse step's encoder and selection")  # trainer.compile
+
+
 class SparseTopKLoss(torch.autograd.Function):
     """Loss of a TopK / BatchTopK SAE on ``x`` with AuxK; returns ``(loss, mse, auxk, x_hat, fires, l0, kept)``.
 
@@ -80,18 +132,19 @@ class SparseTopKLoss(torch.autograd.Function):
     ``kept`` the ReLU'd selected values (BatchTopK's threshold estimate reads it); only ``loss``, ``mse`` and
     ``auxk`` carry gradients. ``dead_mask`` is None or a bool [d_sae]; ``aux_scale`` is a 0-d tensor (AuxK's
     down-weighting when fewer than ``aux_k`` latents are dead), so no value has to come back to the host.
+    ``compile_select``: :func:`select` runs compiled (``trainer.compile``); ``ops``: the decoder products,
+    :class:`TorchOps` or the Triton kernels (:func:`decoder_ops`).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor,
                 dead_mask: Tensor | None, k: int, batch_topk: bool, aux_k: int, aux_coefficient: float,
-                aux_scale: Tensor) -> tuple[Tensor, ...]:
+                aux_scale: Tensor, compile_select: bool = False, ops: Any = TorchOps) -> tuple[Tensor, ...]:
         b, f = x.shape[0], w_dec.shape[0]
-        xc = x - b_dec
-        pre = torch.addmm(b_enc, xc, w_enc)  # as base.pre_activations: the dense path's selection, bit for bit
-        crow, col, raw = (batch_topk_codes if batch_topk else topk_codes)(pre, min(k, f))
+        xc, pre, crow, col, raw = (compiled_select if compile_select else select)(x, w_enc, b_enc, b_dec, k,
+                                                                                  batch_topk)
         val = raw.relu()
-        x_hat = torch.sparse.mm(_csr(crow, col, val, (b, f)), w_dec) + b_dec
+        x_hat = ops.decode(crow, col, val, w_dec) + b_dec
         err = x_hat - x
         mse = err.pow(2).sum() / b
         live = val > 0
@@ -107,10 +160,10 @@ class SparseTopKLoss(torch.autograd.Function):
             a_vals = torch.where(valid, a_vals, 0.0)
             a_crow = torch.arange(0, a_idx.numel() + 1, a_idx.shape[1], device=x.device)
             a_col, a_val = a_idx.flatten(), a_vals.flatten()
-            aux_err = torch.sparse.mm(_csr(a_crow, a_col, a_val, (b, f)), w_dec) + err  # residual = -err
+            aux_err = ops.decode(a_crow, a_col, a_val, w_dec) + err  # residual = -err
             auxk = aux_scale * aux_err.pow(2).sum() / b
             aux = (a_crow, a_col, a_val, valid.flatten(), aux_err)
-        ctx.aux_coefficient = aux_coefficient
+        ctx.aux_coefficient, ctx.ops = aux_coefficient, ops
         ctx.aux = aux
         ctx.codes = (crow, col, val, raw > 0)
         ctx.save_for_backward(xc, w_enc, w_dec, err, aux_scale)
@@ -124,16 +177,16 @@ class SparseTopKLoss(torch.autograd.Function):
         b, f = xc.shape[0], w_dec.shape[0]
         g_rec = 2.0 * (g_loss + g_mse) / b * err  # d loss / d x_hat
         # (pattern, values for the W_dec gradient, gradient at the output, latent gradient)
-        parts = [(crow, col, val, g_rec, _sampled_dots(crow, col, g_rec, w_dec) * passes)]  # through the ReLU
+        ops = ctx.ops
+        parts = [(crow, col, val, g_rec, ops.dots(crow, col, g_rec, w_dec) * passes)]  # through the ReLU
         if ctx.aux is not None:
             a_crow, a_col, a_val, valid, aux_err = ctx.aux
             g_aux = 2.0 * (g_loss * ctx.aux_coefficient + g_auxk) * aux_scale / b * aux_err
-            parts.append((a_crow, a_col, a_val, g_aux, _sampled_dots(a_crow, a_col, g_aux, w_dec) * valid))  # no ReLU
+            parts.append((a_crow, a_col, a_val, g_aux, ops.dots(a_crow, a_col, g_aux, w_dec) * valid))  # no ReLU
         g_w_dec = g_w_enc_t = g_b_enc = 0
         for cr, co, v, g_out, g_lat in parts:
-            t_crow, t_col, perm = _transposed(cr, co, f)
-            g_w_dec = g_w_dec + torch.sparse.mm(_csr(t_crow, t_col, v[perm], (f, b)), g_out)
-            g_w_enc_t = g_w_enc_t + torch.sparse.mm(_csr(t_crow, t_col, g_lat[perm], (f, b)), xc)
+            g_dec, g_enc_t = ops.scatter(cr, co, [(v, g_out), (g_lat, xc)], f)
+            g_w_dec, g_w_enc_t = g_w_dec + g_dec, g_w_enc_t + g_enc_t
             g_b_enc = g_b_enc + torch.bincount(co, weights=g_lat, minlength=f)
         g_b_dec = g_rec.sum(0) - w_enc @ g_b_enc
-        return None, g_w_enc_t.T, g_b_enc, g_w_dec, g_b_dec, None, None, None, None, None, None
+        return None, g_w_enc_t.T, g_b_enc, g_w_dec, g_b_dec, None, None, None, None, None, None, None, None

@@ -46,13 +46,16 @@ def _module() -> type[SAE]:
     from torch import Tensor
 
     from streamd.sae.base import SAE, LossOut, sum_sq
-    from streamd.sae.sparse import SparseTopKLoss
+    from streamd.sae.sparse import SparseTopKLoss, TorchOps
 
     class TopKSAE(SAE):
         cfg: TopKConfig
         init_b_dec_from_data = True
         sparse_step = True  # a subclass that changes the selection (topk / train_acts) must set this False
         batch_topk = False  # the sparse step's selection: per token (TopK) or over the batch (BatchTopK)
+        # the learner sets these from trainer.compile and trainer.triton_decoder (see streamd.sae.sparse)
+        compile_select = False  # the sparse step's encoder and selection compiled
+        sparse_ops: Any = TorchOps  # its decoder products
 
         def encode(self, x: Tensor) -> Tensor:
             return self.topk(self.pre_acts(x))
@@ -80,7 +83,7 @@ def _module() -> type[SAE]:
             aux_scale = (x.new_zeros(()) if dead_mask is None else dead_mask.sum().to(x.dtype) / aux_k).clamp(max=1.0)
             loss, mse, auxk, x_hat, fires, l0, kept = SparseTopKLoss.apply(
                 x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, dead_mask, self.cfg.k, self.batch_topk, aux_k,
-                self.cfg.aux_coefficient, aux_scale)
+                self.cfg.aux_coefficient, aux_scale, self.compile_select, self.sparse_ops)
             self.after_selection(kept)
             return LossOut(loss, {"mse": mse, "auxk": auxk}, None, x_hat, fires, l0)
 

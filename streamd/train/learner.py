@@ -15,6 +15,7 @@ from streamd.config import SAEConfig, TrainerConfig
 from streamd.metrics import DENSITY_BUCKETS, DENSITY_EDGES, DENSITY_STEP
 from streamd.sae import build_sae
 from streamd.sae.quality import fvu, fvu_l0
+from streamd.sae.sparse import decoder_ops
 from streamd.train.window import StatWindow, step_row, window_values
 
 if TYPE_CHECKING:
@@ -93,6 +94,9 @@ class Learner:
                                     fused=self.fused_adam or None)
         self.autocast = trainer_cfg.autocast_bf16 and self.device.type == "cuda"
         self.sparse = trainer_cfg.sparse_step and self.sae.sparse_step  # TopK family: the sparse step
+        if self.sparse:
+            self.sae.compile_select = trainer_cfg.compile
+            self.sae.sparse_ops = decoder_ops(trainer_cfg.triton_decoder, self.device)
         self.window = StatWindow(trainer_cfg.stats_window_tokens, trainer_cfg.batch_size, self.device)
         self.tokens_seen = 0
         self.steps = 0

@@ -32,6 +32,7 @@ from streamd.identity import run_group_id
 from streamd.metrics import EVAL_STATS, STEP_STATS, TrainerMetrics
 from streamd.torch_utils import TORCH_DTYPES, configure_threads, resolve_device
 from streamd.run.checkpoints import CheckpointStore
+from streamd.sae.sparse import decoder_ops
 from streamd.run.history import MetricsHistory, append_line
 from streamd.run.lock import RunLock, RunLockedError
 from streamd.run.server import StatusServer
@@ -205,6 +206,7 @@ class Trainer:
         self.rank, world_size, local_rank = world_from_env()
         check_parallel(cfg, world_size, activation_file)
         self.device = resolve_device(self.tcfg.device)
+        decoder_ops(self.tcfg.triton_decoder, self.device)  # triton_decoder: on without CUDA or triton: stop now
         if world_size > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", local_rank)  # one GPU per rank
         self.dtype = TORCH_DTYPES[self.tcfg.buffer_dtype]
