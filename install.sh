@@ -10,6 +10,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   $PIP install "torch==${STREAMD_TORCH:-2.13.0}"
 fi
 if [ "${1:-}" = "--dev" ]; then
+  # A CPU torch pins no triton; the Triton decoder's tests run its kernels in Triton's interpreter, and the smallest
+  # release checked (170 MB) satisfies the dev extra's lower bound, so pip does not fetch the newest (~1 GB).
+  if .venv/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null \
+     && ! .venv/bin/python -c "import triton" 2>/dev/null; then
+    $PIP install "triton==3.5.0"
+  fi
   $PIP install -e ".[dev]"
   # Debian's prometheus (promtool, a real server), docker-compose 1.29 (`config -q` of the compose files) and
   # chromium (the feature browser rendered headless)

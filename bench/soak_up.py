@@ -9,9 +9,9 @@ broker (tansu), the producer and the ``up`` process (the trainer), the disk use 
 trained, and the generation topics alive on the broker.
 
 Model: a random-initialised 2-layer LlamaForCausalLM with SmolLM2's width (d_model 576, 9 heads, 3 KV heads, MLP
-1536) and a 1024-token BPE trained here on Python's docs, hooked at resid_post of layer 1, run in bfloat16 (2x the
-tokens/s of float32 on this 2-core host). The SAE is small (topk, expansion 2, k 16) so the trainer keeps up.
-Generations of 20 s, a checkpoint every 20 s; the rest is ``up``'s defaults. A generation is deleted only once all
+1536) and a 1024-token BPE trained here on Python's docs, hooked at resid_post of layer 1, in ``producer.dtype: auto``
+(bfloat16 where the CPU computes it natively, 2x the tokens/s of float32 there; float32 elsewhere). The SAE is small
+(topk, expansion 2, k 16) so the trainer keeps up. Generations of 20 s, a checkpoint every 20 s; the rest is ``up``'s defaults. A generation is deleted only once all
 its tokens have left the shuffle buffer, which takes up to ``trainer.max_token_age_buffers`` (8) buffer-fulls of
 65,536 tokens: ~0.6 GB of payload before the first deletion. ``--quick`` (0.3 GB) therefore also sets 5 s
 generations and checkpoints and a max token age of 1 buffer, so the delete cycle runs several times within it.
@@ -71,7 +71,7 @@ def build_model(out: Path) -> None:
 # The soak's settings on top of up's defaults (model, run dir and ports are added per run).
 SOAK_SETS = {
     "producer.sites": "[{site: resid_post, layer: 1}]", "trainer.site": "{site: resid_post, layer: 1}",
-    "producer.dtype": "bfloat16", "trainer.device": "cpu",
+    "producer.dtype": "auto", "trainer.device": "cpu",
     "trainer.saes": "[{name: soak, architecture: topk, expansion_factor: 2, k: 16}]",
     "kafka.generation_seconds": "20", "checkpoints.every_seconds": "20", "checkpoints.every_tokens": "null",
     # short generations need a short generation grace (delivery timeout + clock skew, loopback: no skew)
