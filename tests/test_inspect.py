@@ -189,3 +189,20 @@ def test_the_default_held_out_text_is_not_what_the_producers_read(tmp_path):
     assert len(docs) < len(list(held_out_texts(StreamdConfig(inspect=InspectConfig(source=feeder.feed.source)))))
     with pytest.raises(ValueError, match="kafka text topic"):
         list(held_out_texts(StreamdConfig(inspect=InspectConfig(source=SourceConfig(kind="kafka", topic="t")))))
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+def test_the_inspector_keeps_only_what_the_producer_publishes(tiny_llama_dir, skip):
+    """A window that continues a document keeps its first ``producer.skip_positions`` after BOS out of the sample
+    (the attention sink's massive activations there are never trained on), as the producer does: not scored, not
+    spliced, not shown; with the policy off they are kept."""
+    from streamd.config import StreamdConfig
+    from streamd.inspect.inspection import build_inspector
+
+    cfg = StreamdConfig.model_validate({"producer": {"model_path": str(tiny_llama_dir), "context_length": CONTEXT,
+                                                     "skip_positions": skip, "torch_threads": 1},
+                                        "inspect": {"tokens": 2048, "source": {"kind": "corpus", "corpus": "pydoc"}}})
+    windows = build_inspector(cfg).windows
+    continuing = [w for w in windows if w.carried > 0 or (w.doc_pos[1] > 0)]
+    assert len(continuing) > 10
+    assert all(bool(w.keep_mask[1]) == (skip == 0) for w in continuing)

@@ -239,7 +239,9 @@ def eval_checkpoint(cfg: StreamdConfig, checkpoint: str, n_docs: int = 64,
     configure_threads(p.torch_threads)
     dev = resolve_device(device)
     loaded = load_frozen_model(p.model_path, p.dtype, dev)
-    windows = list(pack_documents(loaded.tokenizer, held_out_texts(cfg, n_docs, skip_docs), p.context_length))
+    # the producer's token policy: positions it never publishes (skip_positions) are neither spliced nor scored
+    windows = list(pack_documents(loaded.tokenizer, held_out_texts(cfg, n_docs, skip_docs), p.context_length,
+                                  p.skip_positions))
     baselines: dict[tuple[str, int], SiteBaseline] = {}
     out = {}
     for name, sae_dir in sae_dirs.items():

@@ -33,7 +33,8 @@ def build_inspector(cfg: StreamdConfig) -> Inspector:
     p = cfg.producer
     configure_threads(p.torch_threads)
     loaded = load_frozen_model(p.model_path, p.dtype, resolve_device(cfg.inspect.device))
-    windows = sample_windows(loaded.tokenizer, held_out_texts(cfg), p.context_length, cfg.inspect.tokens)
+    windows = sample_windows(loaded.tokenizer, held_out_texts(cfg), p.context_length, cfg.inspect.tokens,
+                             p.skip_positions)
     log.info("inspector: %d windows of held-out text (%s)", len(windows), held_out_source(cfg)[0].model_dump(
         exclude_defaults=True))
     return Inspector(loaded, windows, cfg.inspect, p.batch_size)

@@ -43,9 +43,13 @@ def held_out_texts(cfg: StreamdConfig) -> Iterator[str]:
     return (d for d in docs if held_out(d, fraction)) if fraction > 0 else docs
 
 
-def sample_windows(tokenizer, texts: Iterator[str], context_length: int, tokens: int) -> list[Window]:
-    """The first ``ceil(tokens / context_length)`` windows of ``texts`` (fewer when the text runs out)."""
-    windows = list(itertools.islice(pack_documents(tokenizer, texts, context_length), math.ceil(tokens / context_length)))
+def sample_windows(tokenizer, texts: Iterator[str], context_length: int, tokens: int,
+                   skip_positions: int = 0) -> list[Window]:
+    """The first ``ceil(tokens / context_length)`` windows of ``texts`` (fewer when the text runs out), packed as the
+    producer packs them: the ``skip_positions`` its token policy never publishes are not kept (nor spliced, scored or
+    shown: they carry the massive activations of the attention sink)."""
+    windows = list(itertools.islice(pack_documents(tokenizer, texts, context_length, skip_positions),
+                                    math.ceil(tokens / context_length)))
     if not windows:
         raise ValueError("the inspector's held-out text holds no tokens")
     return windows
