@@ -191,10 +191,11 @@ UP_DEFAULTS: dict[str, Any] = {
     # generation grace: kafka.delivery_timeout_ms (120 s) + kafka.clock_skew_seconds (30 s).
     "kafka.generation_seconds": 180,
     "producer.max_lag_messages": 128,
-    # the inspector beside them (bench/README.md, bench_inspect.py): a small held-out sample, one inspection at most
-    # every 10 minutes, so it takes a few percent of the two cores the producer and the trainer share
+    # the inspector beside them (bench/README.md, "Inside streamd up"): a small held-out sample, one inspection at
+    # most every 20 minutes; measured on 2 cores, an inspection (~130 s) halves up's rate while it runs: ~9% of
+    # its tokens at 10 minutes, ~5% at 20
     "inspect.tokens": 4096,
-    "inspect.every_seconds": 600,
+    "inspect.every_seconds": 1200,
 }
 
 
