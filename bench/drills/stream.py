@@ -288,12 +288,13 @@ def broker_restart_text() -> Row:
             for t, _ in runs:
                 t.join(120)
             errors = [e for _, errs in runs for e in errs] + ([trainer.source.error] if trainer.source.error else [])
-            crashed = bool(errors or any(t.is_alive() for t, _ in runs)) or trained_after <= 0
+            hung = [name for name, (t, _) in zip(("trainer", "producer", "feeder"), runs) if t.is_alive()]
+            crashed = bool(errors or hung) or trained_after <= 0
             note = (f"memory: fed {fed_kill} docs before the restart, {refed} fed again (not committed by the "
                     f"producer), new text log {len(texts)} docs, {len(missing)} of {len(wanted)} never published; "
                     f"trainer {trained_after} tok after the restart; producer lost-log rejoins "
                     f"{int(prod.metrics.text_lost_logs.labels(producer='p-text')._value.get())}"
-                    f"{', CRASHED ' + repr(errors) if crashed else ''}")
+                    f"{', CRASHED ' + repr(errors) + ' still running at stop: ' + str(hung) if crashed else ''}")
             return Row(tried=1, faults=1, survived=int(not crashed and not missing), inputs=len(texts),
                        lost=len(missing), note=note)
         finally:
