@@ -309,13 +309,16 @@ class ProducerMetrics:
                                      namespace=ns, registry=reg)
         self.text_rebalances = Counter("text_rebalances", "Text topic partition revocations (partial windows "
                                        "dropped uncommitted).", lab, namespace=ns, registry=reg)
+        self.text_lost_logs = Counter("text_reader_lost_logs", "Times the text topic was created again under this "
+                                      "producer (the broker lost its log): it joins the group again and reads the "
+                                      "new log from its start.", lab, namespace=ns, registry=reg)
         self.text_errors = Counter("text_errors", "Source documents skipped or flagged, by reason: not_utf8, empty, "
                                    "missing_column, out_of_vocabulary.", ["producer", "reason"], namespace=ns,
                                    registry=reg)
 
         for m in (self.tokens_published, self.messages_published, self.bytes_published, self.send_queue_depth,
                   self.send_queue_capacity, self.documents, self.stream_lag_messages, self.text_committed,
-                  self.text_partitions, self.text_rebalances):
+                  self.text_partitions, self.text_rebalances, self.text_lost_logs):
             m.labels(producer=producer_id)
         for reason in TEXT_ERROR_REASONS:
             self.text_errors.labels(producer=producer_id, reason=reason)
@@ -346,7 +349,13 @@ class FeederMetrics:
                            registry=reg)
         self.throttled = Gauge("feeder_throttled", "1 while the feeder waits for the producers (feed.max_lag).",
                                lab, namespace=ns, registry=reg)
-        for m in (self.documents_fed, self.bytes_fed, self.held_out, self.epoch, self.throttled):
+        self.lost_logs = Counter("text_lost_logs", "Times the broker lost the text topic's log (it was created again, "
+                                 "a memory broker restarted); the feeder feeds again from what the producers had "
+                                 "not committed.", lab, namespace=ns, registry=reg)
+        self.documents_refed = Counter("text_documents_refed", "Acknowledged documents fed again after a lost log "
+                                       "(the producers had not committed them).", lab, namespace=ns, registry=reg)
+        for m in (self.documents_fed, self.bytes_fed, self.held_out, self.epoch, self.throttled, self.lost_logs,
+                  self.documents_refed):
             m.labels(topic=topic)
         self.lag.labels(topic=topic, group=group)
         for reason in TEXT_ERROR_REASONS:

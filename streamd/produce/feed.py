@@ -12,7 +12,12 @@ among them. The feeder:
   ``feed.state_path`` every ``feed.commit_every_seconds``: a restarted feeder continues there, so it re-sends at most
   one interval's documents (and what was in flight) and skips none;
 - with ``source.loop`` starts a new epoch at the end; with ``feed.shuffle`` every epoch of a finite source is a
-  permutation by ``feed.seed + epoch``.
+  permutation by ``feed.seed + epoch``;
+- survives a broker that loses its log (Tansu on memory storage restarted; ``TextLog`` tells the new log by its topic
+  id): it re-creates the topic and feeds again from the first document, in its order, that the producers' group had
+  not committed as of the last look at its commits (every ``CHECK_SECONDS``). A document a producer commits only
+  once every activation message built from it is acknowledged, so nothing it had not finished is skipped; what it
+  finished since that look is fed twice. Counted in ``text_lost_logs_total`` and ``text_documents_refed_total``.
 """
 
 from __future__ import annotations
@@ -24,18 +29,23 @@ import os
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+
+from kafka.errors import KafkaError
 
 from streamd.config import StreamdConfig
 from streamd.metrics import FeederMetrics
 from streamd.produce.text import SourceError, source_maker
-from streamd.stream.kafka import ensure_topic, make_producer
-from streamd.stream.text_topic import DOC_HEADER, EPOCH_HEADER, FeederLock, text_lag
+from streamd.stream.kafka import knows_topic, make_producer
+from streamd.stream.text_topic import DOC_HEADER, EPOCH_HEADER, FeederLock, TextLog
 
 log = logging.getLogger(__name__)
 
-LAG_CHECK_SECONDS = 0.5
+CHECK_SECONDS = 0.5
+"""How often the feeder looks at its log (lost?) and at the producers' commits (what it re-feeds after a loss is
+what they committed since), and at their lag (also after every ``feed.max_lag`` documents)."""
 
 
 def held_out(text: str, fraction: float) -> bool:
@@ -83,7 +93,13 @@ class Feeder:
         self._acked: set[int] = set()
         self._done = 0  # first position of the epoch's order not yet acknowledged (or skipped)
         self._ends: dict[int, int] = {}
+        # per partition (offset, epoch, position) of every acknowledged document the producers' group had not
+        # committed at the last look (``_committed``): where to feed again from if the broker loses the log
+        self._unfinished: dict[int, deque[tuple[int, int, int]]] = {}
+        self._committed: dict[int, int] = {}
+        self._furthest = (0, -1)  # (epoch, position) the furthest fed: held-out text is written once
         self._failed: BaseException | None = None
+        self._away = False
 
     def _order(self, make, epoch: int) -> Iterator[tuple[int, object]]:
         """(document id, document) in this epoch's order."""
@@ -97,7 +113,7 @@ class Feeder:
             return ((i, docs[i]) for i in order)
         return enumerate(make())
 
-    def _ack(self, position: int, meta=None, size: int = 0) -> None:
+    def _ack(self, position: int, meta=None, size: int = 0, epoch: int = 0) -> None:
         with self._lock:
             self._acked.add(position)
             while self._done in self._acked:
@@ -105,28 +121,68 @@ class Feeder:
                 self._done += 1
             if meta is not None:
                 self._ends[meta.partition] = max(self._ends.get(meta.partition, 0), meta.offset + 1)
+                self._unfinished.setdefault(meta.partition, deque()).append((meta.offset, epoch, position))
                 self.fed += 1
                 self.metrics.documents_fed.labels(topic=self.topic).inc()
                 self.metrics.bytes_fed.labels(topic=self.topic).inc(size)
 
-    def _throttle(self) -> None:
-        if self.fcfg.max_lag is None:
-            return
+    def _check(self, producer, text_log: TextLog) -> tuple[int, int] | None:
+        """The log and the producers' commits, then (``feed.max_lag``) wait while they are too far behind. Returns
+        (epoch, position) to feed again from when the broker lost the log. A broker that is away is waited for."""
         gauge = self.metrics.throttled.labels(topic=self.topic)
         while not self.stop_event.is_set():
-            with self._lock:
-                ends = dict(self._ends)
             try:
-                lag = text_lag(self.cfg.kafka, self.topic, self.group, ends)
-            except Exception as e:
-                log.warning("cannot read the producers' lag (%s); feeding on", e)
-                return
+                if text_log.renewed(producer):
+                    return self._rewind()
+                self._saw_commits(text_log.committed())
+                if self.fcfg.max_lag is None:
+                    return None
+                with self._lock:
+                    ends, committed = dict(self._ends), dict(self._committed)
+                lag = text_log.lag(ends, committed)
+            except KafkaError as e:
+                if not self._away:
+                    log.warning("the broker does not answer for text topic %s (%s: %s); waiting for it", self.topic,
+                                type(e).__name__, e)
+                self._away = True
+                self.stop_event.wait(1.0)
+                continue
+            if self._away:
+                log.info("the broker answers again for text topic %s", self.topic)
+                self._away = False
             self.metrics.lag.labels(topic=self.topic, group=self.group).set(lag)
             if lag <= self.fcfg.max_lag:
                 gauge.set(0)
-                return
+                return None
             gauge.set(1)
-            self.stop_event.wait(LAG_CHECK_SECONDS)
+            self.stop_event.wait(CHECK_SECONDS)
+        return None
+
+    def _saw_commits(self, committed: dict[int, int]) -> None:
+        """The group's commits as read now; they only go forward (a broker that lost them answers with none until
+        the lost log is noticed), and what they cover is finished."""
+        with self._lock:
+            for part, off in committed.items():
+                self._committed[part] = max(self._committed.get(part, 0), off)
+            for part, queue in self._unfinished.items():
+                upto = self._committed.get(part, 0)
+                while queue and queue[0][0] < upto:
+                    queue.popleft()
+
+    def _rewind(self) -> tuple[int, int]:
+        """The broker lost the log: forget it, and return the first (epoch, position) not finished by the
+        producers (or not yet acknowledged)."""
+        with self._lock:
+            unfinished = [(e, p) for queue in self._unfinished.values() for _, e, p in queue]
+            at = min([*unfinished, (self.epoch, self._done)])
+            self._unfinished, self._committed, self._ends = {}, {}, {}
+        self.metrics.lost_logs.labels(topic=self.topic).inc()
+        self.metrics.documents_refed.labels(topic=self.topic).inc(len(unfinished))
+        log.warning("text topic %s was created again (the broker lost its log): re-feeding from epoch %d document %d "
+                    "of its order, %d acknowledged document(s) the producers had not committed at their last commit "
+                    "seen (at most %.0f s before; what they finished since is fed twice); what they had committed "
+                    "went into the activation stream", self.topic, at[0], at[1], len(unfinished), CHECK_SECONDS)
+        return at
 
     def run(self) -> int:
         """Feed until the source ends (without loop), feed.max_documents, or stop(); returns documents fed."""
@@ -136,14 +192,15 @@ class Feeder:
         lock = FeederLock(kafka, self.topic, f.lock_ttl_seconds)
         lock.acquire()
         try:
-            ensure_topic(kafka, self.topic, f.partitions)
+            text_log = TextLog(kafka, self.topic, f.partitions, self.group)
             state = read_state(f.state_path)
             epoch, start = state["epoch"], state["next"]
             if start:
                 log.info("resuming %s at epoch %d, document %d of its order", what, epoch, start)
             producer = make_producer(kafka, max_request_size=kafka_max(self.cfg), linger_ms=20)
             try:
-                self._feed(producer, make, epoch, start)
+                text_log.renewed(producer)  # creates the topic unless it exists, and learns its id
+                self._feed(producer, text_log, make, epoch, start)
             finally:
                 producer.flush(timeout=60)
                 producer.close(timeout=10)
@@ -154,17 +211,18 @@ class Feeder:
             raise RuntimeError(f"feeding {self.topic} failed: {self._failed}") from self._failed
         return self.fed
 
-    def _feed(self, producer, make, epoch: int, start: int) -> None:
+    def _feed(self, producer, text_log: TextLog, make, epoch: int, start: int) -> None:
         f = self.fcfg
         holdout = open(f.holdout_path, "a", encoding="utf-8") if f.holdout_path and f.holdout_fraction else None
         last_save = last_check = time.monotonic()
-        sent = 0
+        sent = checked_at = 0
         try:
             while not self.stop_event.is_set():
                 self.epoch = epoch
                 self.metrics.epoch.labels(topic=self.topic).set(epoch)
                 with self._lock:
                     self._done, self._acked = start, set()
+                rewind = None
                 for position, (doc_id, doc) in enumerate(self._order(make, epoch)):
                     if position < start:
                         continue
@@ -173,9 +231,12 @@ class Feeder:
                     if f.max_documents is not None and sent >= f.max_documents:
                         return
                     now = time.monotonic()
-                    if now - last_check >= LAG_CHECK_SECONDS:
-                        self._throttle()
-                        last_check = time.monotonic()
+                    if (now - last_check >= CHECK_SECONDS or sent - checked_at >= (f.max_lag or float("inf"))
+                            or not knows_topic(producer, self.topic)):
+                        rewind = self._check(producer, text_log)
+                        last_check, checked_at = time.monotonic(), sent
+                        if rewind is not None:
+                            break
                     if now - last_save >= f.commit_every_seconds:
                         self._save()
                         last_save = now
@@ -183,9 +244,12 @@ class Feeder:
                         self.metrics.errors.labels(topic=self.topic, reason="empty").inc()
                         self._ack(position)
                         continue
+                    fresh = (epoch, position) > self._furthest  # not fed before a lost log made it go back
+                    self._furthest = max(self._furthest, (epoch, position))
                     if held_out(doc, f.holdout_fraction):
-                        self.metrics.held_out.labels(topic=self.topic).inc()
-                        if holdout is not None and epoch == 0:
+                        if fresh:
+                            self.metrics.held_out.labels(topic=self.topic).inc()
+                        if holdout is not None and epoch == 0 and fresh:
                             holdout.write(json.dumps({"doc": doc_id, "text": doc}) + "\n")
                         self._ack(position)
                         continue
@@ -193,9 +257,13 @@ class Feeder:
                     fut = producer.send(self.topic, value=value, key=str(doc_id).encode(),
                                         headers=[(DOC_HEADER, str(doc_id).encode()),
                                                  (EPOCH_HEADER, str(epoch).encode())])
-                    fut.add_callback(lambda meta, pos=position, n=len(value): self._ack(pos, meta, n))
+                    fut.add_callback(lambda meta, pos=position, n=len(value), e=epoch: self._ack(pos, meta, n, e))
                     fut.add_errback(self._error)
                     sent += 1
+                if rewind is not None:
+                    epoch, start = rewind
+                    self._save(epoch=epoch, next_=start)
+                    continue
                 producer.flush(timeout=120)
                 if not f.source.loop:
                     return

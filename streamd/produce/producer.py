@@ -273,7 +273,7 @@ class ActivationProducer:
             m.text_rebalances.labels(producer=pid).inc()
 
         reader = TextTopicReader(self.cfg.kafka, src.topic, src.kafka_group, committable=committable,
-                                 on_revoked=revoked,
+                                 on_revoked=revoked, on_lost_log=m.text_lost_logs.labels(producer=pid).inc,
                                  idle_exit_seconds=src.idle_exit_seconds)
         return reader
 

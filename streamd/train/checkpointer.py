@@ -5,7 +5,10 @@
 retention strategy release what is fully trained. A checkpoint names per partition the offset from which every
 untrained token can be read again, so a SIGKILL loses no token. ``read_resume`` reads the same state back.
 
-``trainer_state.pt`` keys: ``tokens, scale, eval_set, d_in, buffer_rng, positions, learners``.
+``trainer_state.pt`` keys: ``tokens, scale, eval_set, d_in, buffer_rng, positions, learners``. The manifest's
+``topic_ids`` name the log (topic id) each topic's offsets are in: a broker that lost its log between the last check
+and the checkpoint (or while the trainer was down) has another one, and a resume reads it from the start instead of
+seeking the old log's offsets in it. Checkpoints without them (streamd before 0.3) resume unchecked.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Resume:
     state: dict | None = None  # trainer_state.pt
     start_offsets: dict[SourceKey, int] = field(default_factory=dict)  # resume here
     reread_below: dict[SourceKey, int] = field(default_factory=dict)  # what was read before: a re-read below it
+    topic_ids: dict[str, str] = field(default_factory=dict)  # the log each topic's start offsets are in
 
 
 def read_resume(store: CheckpointStore, metrics: TrainerMetrics | None = None) -> Resume:
@@ -60,7 +64,7 @@ def read_resume(store: CheckpointStore, metrics: TrainerMetrics | None = None) -
     for ckid in candidates:
         path = store.dir / ckid
         try:
-            store.verify(path)
+            manifest = store.verify(path)
             state = store.read_trainer_state(path)
             offsets = store.read_offsets(path)
         except CheckpointError as e:
@@ -75,14 +79,17 @@ def read_resume(store: CheckpointStore, metrics: TrainerMetrics | None = None) -
         else:
             log.info("resuming from checkpoint %s at %d tokens", ckid, state["tokens"])
         start = {(topic, int(part)): off for topic, parts in offsets.items() for part, off in parts.items()}
-        return Resume(state["tokens"], state, start, {tuple(k): v for k, v in state["positions"]})
+        return Resume(state["tokens"], state, start, {tuple(k): v for k, v in state["positions"]},
+                      dict(manifest.get("topic_ids") or {}))
     if faults:
         raise CheckpointError(f"no checkpoint in {store.dir} can be resumed from:\n  " + "\n  ".join(faults))
     return Resume()
 
 
 Offsets = dict[SourceKey, int]
-Gather = Callable[[Offsets, Offsets], tuple[Offsets, Offsets] | None]  # (resume offsets, positions) -> merged on rank 0
+TopicIds = dict[str, str]
+# (resume offsets, positions, topic ids) -> merged on rank 0
+Gather = Callable[[Offsets, Offsets, TopicIds], tuple[Offsets, Offsets, TopicIds] | None]
 
 
 class Checkpointer:
@@ -116,12 +123,15 @@ class Checkpointer:
         if not learners:
             return None
         t0 = time.monotonic()
+        # the logs first, then the offsets: a lost log noticed in between pairs the old ids with the new log's
+        # offsets (a resume then reads it from the start again: re-reads), never the new ids with the old offsets
+        ids = intake.source.log_ids()
         offsets, positions = intake.resume_offsets()
         if self.gather is not None:  # every rank takes part, whatever rank 0 then decides: no unmatched collective
-            merged = self.gather(offsets, positions)
+            merged = self.gather(offsets, positions, ids)
             if merged is None:
                 return None
-            offsets, positions = merged
+            offsets, positions, ids = merged
         if not final and self.clock() < self._retry_at:
             return None
         nested: dict[str, dict[int, int]] = {}
@@ -142,7 +152,7 @@ class Checkpointer:
             "streamd_version": __version__, "config": self.cfg.model_dump(mode="json"),
             "seeds": {s.name: s.seed for s in tcfg.saes},
             "site_id": f"{self.site_id:016x}" if self.site_id is not None else None,
-            "scale": scale, "tokens": tokens,
+            "scale": scale, "tokens": tokens, "topic_ids": ids,
         }
         try:
             path = self.store.write(tokens, exports, state, nested, manifest, tcfg.site.hook_name)

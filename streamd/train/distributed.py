@@ -55,6 +55,7 @@ class CollectiveError(RuntimeError):
 
 
 RENDEZVOUS_ENV = "STREAMD_RENDEZVOUS_FILE"  # set by ``streamd train --world-size``: a file store, no TCP server
+MIXED_LOGS = "mixed"  # a checkpoint's topic id when ranks had read different logs of the topic: matches none
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -119,23 +120,28 @@ class Collective:
             tdist.all_gather(rows, mine, group=self._control)
         return torch.stack(rows)
 
-    def gather_offsets(self, offsets: Mapping[SourceKey, int], positions: Mapping[SourceKey, int]
-                       ) -> tuple[dict[SourceKey, int], dict[SourceKey, int]] | None:
+    def gather_offsets(self, offsets: Mapping[SourceKey, int], positions: Mapping[SourceKey, int],
+                       ids: Mapping[str, str]) -> tuple[dict[SourceKey, int], dict[SourceKey, int], dict[str, str]] | None:
         """At the checkpoint barrier: on rank 0, per partition the lowest resume offset and the highest position
-        over the ranks that hold it (every partition has one reader, so this is their union); None elsewhere."""
+        over the ranks that hold it (every partition has one reader, so this is their union), and per topic the
+        log (topic id) the ranks read; ranks that disagree (one noticed a lost log, another not yet) give
+        ``MIXED_LOGS``, which matches no log, so a resume reads that topic from the start. None elsewhere."""
         box = [None] * self.world_size if self.rank == 0 else None
         with self._failing("gathering the checkpoint offsets"):
-            tdist.gather_object((dict(offsets), dict(positions)), box, dst=0, group=self._control)
+            tdist.gather_object((dict(offsets), dict(positions), dict(ids)), box, dst=0, group=self._control)
         if self.rank != 0:
             return None
         low: dict[SourceKey, int] = {}
         high: dict[SourceKey, int] = {}
-        for offs, pos in box:
+        logs: dict[str, str] = {}
+        for offs, pos, tids in box:
             for k, v in offs.items():
                 low[k] = min(low.get(k, v), v)
             for k, v in pos.items():
                 high[k] = max(high.get(k, v), v)
-        return low, high
+            for t, tid in tids.items():
+                logs[t] = tid if logs.get(t, tid) == tid else MIXED_LOGS
+        return low, high, logs
 
     # --- the step (device tensors, the training backend) ---------------------------------------------------------
 

@@ -56,6 +56,9 @@ class FileActivationSource:
     def queued_offsets(self) -> dict[SourceKey, int]:
         return {}
 
+    def log_ids(self) -> dict[str, str]:
+        return {}  # a file is its own identity
+
     def commit(self, offsets: dict[SourceKey, int]) -> None:
         pass  # the checkpoint's offsets are the only record of how far a file was read
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 
 import torch
 from kafka import OffsetAndMetadata, TopicPartition
@@ -45,6 +46,7 @@ class KafkaActivationSource:
         d_in: int | None,
         queue_tokens: int,
         start_offsets: dict[SourceKey, int] | None = None,
+        start_ids: dict[str, str] | None = None,
         reread_below: dict[SourceKey, int] | None = None,
         pin_memory: bool = False,
         torch_threads: int | None = None,
@@ -58,6 +60,7 @@ class KafkaActivationSource:
         self.expected_site_id, self.d_in = expected_site_id, d_in
         self.pin_memory, self.torch_threads = pin_memory, torch_threads
         self.start_offsets = {k: v for k, v in (start_offsets or {}).items() if self._mine(k[1])}
+        self.start_ids = dict(start_ids or {})  # the log (topic id) the start offsets are in, where known
         self.reread_below = dict(reread_below or {})
         self.queue = TokenQueue(queue_tokens)
         self._stop = threading.Event()
@@ -78,6 +81,7 @@ class KafkaActivationSource:
         self._follow_at = 0.0
         self._recreated: set[str] = set()  # topics a late record re-created after their release: read from the start
         self._identity = TopicIdentity()  # topic ids seen: a new one means the broker lost the log
+        self._log_ids: dict[str, str] = {}  # the log each topic's positions are in (changes with them, under _lock)
 
     def start(self) -> None:
         self._thread.start()
@@ -94,6 +98,10 @@ class KafkaActivationSource:
 
     def queued_offsets(self) -> dict[SourceKey, int]:
         return self.queue.min_offsets()
+
+    def log_ids(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._log_ids)
 
     def commit(self, offsets: dict[SourceKey, int]) -> None:
         """Ask the consumer thread to commit these offsets to the group (after a durable checkpoint)."""
@@ -218,9 +226,10 @@ class KafkaActivationSource:
         parts = consumer.assignment()
         # a subscription is watched even while nothing is assigned (the topic is gone, or the group rebalances)
         watched = {tp.topic for tp in parts} if self.retention.rotates else {self.topic}
-        recreated = self._identity.changed(topic_ids(consumer, watched))
+        ids = topic_ids(consumer, watched)
+        recreated = self._identity.changed(ids)
         if recreated and not self.retention.rotates:
-            return self._rejoin(consumer, recreated)
+            return self._rejoin(consumer, recreated, ids)
         if not parts:
             return consumer
         ends = {(tp.topic, tp.partition): end for tp, end in consumer.end_offsets(list(parts)).items()}
@@ -233,11 +242,15 @@ class KafkaActivationSource:
         lost = self.retention.lost_logs(ends, positions, committed, recreated)
         for key in lost:
             consumer.seek_to_beginning(TopicPartition(*key))
-        self._start_over(lost, recreated, ends)
+        self._start_over(lost, recreated, ends, ids)
         return consumer
 
-    def _start_over(self, keys, recreated: set[str], ends: dict[SourceKey, int]) -> None:
-        """These partitions' log is lost: their positions go to the new log's start (0), counted and logged."""
+    def _start_over(self, keys, recreated: set[str], ends: dict[SourceKey, int],
+                    ids: Mapping[str, str | None]) -> None:
+        """These partitions' log is lost: their positions go to the new log's start (0), counted and logged; a
+        re-created topic's positions are in its new log (``ids``) from now on."""
+        with self._lock:
+            self._log_ids.update({t: ids[t] for t in recreated if ids.get(t) is not None})
         positions = self.positions()
         for topic, part in keys:
             log.warning("%s[%d]: the broker lost its log (%s; position %d, end %s): reading the new log from its "
@@ -251,13 +264,13 @@ class KafkaActivationSource:
                 self._positions[(topic, part)] = self._placed[(topic, part)] = 0
         self._committed_parts -= set(keys)  # their commits went with the log: judged again once re-committed
 
-    def _rejoin(self, consumer, topics: set[str]):
+    def _rejoin(self, consumer, topics: set[str], ids: Mapping[str, str | None]):
         """The topic read was created again (a memory broker restarted): every partition of it starts over
         at the new log's start, read by a new group member. The old member must go: a restarted Tansu answers its
         SyncGroup with the assignment of an earlier generation (empty, if the topic was missing then), and the
         group lost its state anyway. Returns the new consumer."""
         keys = sorted(k for k in self.positions() if k[0] in topics)
-        self._start_over(keys, topics, {})
+        self._start_over(keys, topics, {}, ids)
         self._fresh = {tp for tp in self._fresh if tp.topic not in topics}
         consumer.close(autocommit=False)
         consumer = self._new_consumer()
@@ -284,6 +297,9 @@ class KafkaActivationSource:
             self.metrics.generations_recreated.inc(len(back))
             self._recreated |= back
             self._identity.forget(back)  # read from the start below, not reset again as a lost log
+            with self._lock:
+                for topic in back:
+                    self._log_ids.pop(topic, None)  # learnt again when placed
             # the consumer may still hold positions on the deleted topics: place them again from the start
             self._fresh |= {tp for tp in consumer.assignment() if tp.topic in back}
         self._follow_at = time.monotonic()
@@ -326,6 +342,8 @@ class KafkaActivationSource:
                 del self._positions[key]
             for key in [k for k in self._placed if k[0] in topics]:
                 del self._placed[key]
+            for topic in topics:
+                self._log_ids.pop(topic, None)
         self.metrics.generations_retired.inc(self.retention.delete(topics))
         consumer = self._new_consumer()
         consumer.assign(keep)
@@ -358,9 +376,23 @@ class KafkaActivationSource:
         except KafkaError:
             self._fresh |= fresh  # still paused: placed on the next round
             raise
+        ids = topic_ids(consumer, {tp.topic for tp in fresh})
         for tp in fresh:
             key = (tp.topic, tp.partition)
             want = self.start_offsets.pop(key, None)
+            was = self.start_ids.get(tp.topic)
+            if want is not None and None not in (was, ids[tp.topic]) and was != ids[tp.topic]:
+                log.warning("%s[%d]: the checkpoint's offset %d is in another log of the topic (id %s, now %s: the "
+                            "broker lost the log it was read from): reading the new log from its start", tp.topic,
+                            tp.partition, want, was, ids[tp.topic])
+                self.metrics.offset_resets.inc()
+                self.metrics.lost_logs.inc()
+                self.reread_below.pop(key, None)
+                consumer.seek_to_beginning(tp)
+                with self._lock:
+                    self._placed[key] = 0
+                    self._log_ids[tp.topic] = ids[tp.topic]
+                continue
             if tp.topic in self._recreated:  # its old offsets (ours, the group's) belong to the deleted topic
                 log.warning("%s[%d] re-created after its release holds %d record(s): reading them", tp.topic,
                             tp.partition, ends.get(tp, 0))
@@ -385,6 +417,8 @@ class KafkaActivationSource:
                 consumer.seek(tp, want)
             with self._lock:
                 self._placed[key] = want
+                if ids[tp.topic] is not None:
+                    self._log_ids.setdefault(tp.topic, ids[tp.topic])
         # Commit where each partition starts (where a resume would start anyway), so that the group holds an offset
         # for every partition read from the first moment: a broker that then loses its log loses these commits too,
         # which is how the lost log is noticed even before the first checkpoint (see Retention.lost_logs).

@@ -42,6 +42,10 @@ class ActivationSource(Protocol):
     def queued_offsets(self) -> dict[SourceKey, int]:
         """Per source key, the lowest offset read but not yet handed out."""
         ...
+    def log_ids(self) -> dict[str, str]:
+        """Per topic, the id of the log its positions are in (empty where there is none): a resume into another
+        log under the same name must not seek these offsets in it."""
+        ...
     def commit(self, offsets: dict[SourceKey, int]) -> None:
         """These resume offsets are in a durable checkpoint: record those of them the source can keep (a consumer
         group's committed offsets; a file keeps nothing)."""
