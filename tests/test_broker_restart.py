@@ -15,6 +15,8 @@ import time
 
 import re
 
+import pytest
+
 from kafka import TopicPartition
 
 from streamd import wire
