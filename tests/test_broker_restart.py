@@ -10,13 +10,11 @@ its start, and the trainer keeps training.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
-import re
-
 import pytest
-
 from kafka import TopicPartition
 
 from streamd import wire
