@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import importlib.util
 import subprocess
 import sys
@@ -174,6 +175,8 @@ def main() -> None:
         rows = [tuple(int(p[1:]) for p in r.split("-")) for r in args.rows.split(",")]
     steps = args.steps or (3 if args.quick else 8)
     print(machine_line(args.threads))
+    if args.device == "cpu":  # sparsify picks its Triton decoder whenever triton imports, CUDA or not
+        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
     have_sparsify = not args.no_peers and importlib.util.find_spec("sparsify") is not None
     if not have_sparsify and not args.no_peers:
         print("sparsify not installed (.venv/bin/pip install -e '.[bench]'): its column is empty")

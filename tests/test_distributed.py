@@ -115,7 +115,7 @@ def _kafka(broker, partitions: int):
     return broker.config(topic=f"test-{uuid.uuid4().hex[:12]}", partitions=partitions, session_timeout_ms=6000)
 
 
-@pytest.mark.parametrize("partitions,ranks", [(4, 2), (5, 2), (2, 3)])
+@pytest.mark.parametrize("partitions,ranks", [(5, 2), (2, 3)])  # uneven shares; an idle rank (CI time: not 4/2)
 def test_ranks_train_one_sae_with_equal_weights_and_every_token_once(broker, tmp_path, partitions, ranks):
     """Every rank's weights are bitwise equal after every step; every message below the final checkpoint's offsets
     was trained once (by one rank), none twice; uneven partition counts and an idle rank (3 ranks, 2 partitions)
