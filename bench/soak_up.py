@@ -11,10 +11,11 @@ trained, and the generation topics alive on the broker.
 Model: a random-initialised 2-layer LlamaForCausalLM with SmolLM2's width (d_model 576, 9 heads, 3 KV heads, MLP
 1536) and a 1024-token BPE trained here on Python's docs, hooked at resid_post of layer 1, in ``producer.dtype: auto``
 (bfloat16 where the CPU computes it natively, 2x the tokens/s of float32 there; float32 elsewhere). The SAE is small
-(topk, expansion 2, k 16) so the trainer keeps up. Generations of 20 s, a checkpoint every 20 s; the rest is ``up``'s defaults. A generation is deleted only once all
-its tokens have left the shuffle buffer, which takes up to ``trainer.max_token_age_buffers`` (8) buffer-fulls of
-65,536 tokens: ~0.6 GB of payload before the first deletion. ``--quick`` (0.3 GB) therefore also sets 5 s
-generations and checkpoints and a max token age of 1 buffer, so the delete cycle runs several times within it.
+(topk, expansion 2, k 16) so the trainer keeps up. Generations of 20 s, a checkpoint every 20 s; the rest is
+``up``'s defaults. A generation is deleted only once all its tokens have left the shuffle buffer, which takes up
+to ``trainer.max_token_age_buffers`` (8) buffer-fulls of 65,536 tokens: ~0.6 GB of payload before the first
+deletion. ``--quick`` (0.3 GB) therefore also sets 5 s generations and checkpoints and a max token age of 1 buffer,
+so the delete cycle runs several times within it.
 
 Verdict: a footprint is bounded if its peak from warm-up (the first generation deleted) or the 25% row, whichever
 comes later, to the end stays under 2x its value there. A broker that kept everything would grow with the volume

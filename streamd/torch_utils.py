@@ -18,7 +18,8 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 matmuls in hardware: a CUDA device that supports bf16, or a CPU with
-    AVX512-BF16 or AMX. Elsewhere torch emulates them (on an AVX2-only EPYC here, 0.9 GFLOP/s against 35 for float32)."""
+    AVX512-BF16 or AMX. Elsewhere torch emulates them (on an AVX2-only EPYC here, 0.9 GFLOP/s against 35 for
+    float32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":

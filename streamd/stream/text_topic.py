@@ -1,5 +1,6 @@
 """The text topic the producers share: a reader that commits only what its owner says is done, the feeder's lock,
-and the feeder's view of the topic (``TextLog``: the log it writes, the producers' group's progress). Everything Kafka-specific about the text stream lives here.
+and the feeder's view of the topic (``TextLog``: the log it writes, the producers' group's progress). Everything
+Kafka-specific about the text stream lives here.
 
 Reading (``TextTopicReader``): the producers consume the topic in one consumer group, so Kafka divides its
 partitions among them and rebalances when one joins or dies. Nothing is auto-committed: the reader asks a

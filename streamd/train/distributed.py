@@ -121,7 +121,8 @@ class Collective:
         return torch.stack(rows)
 
     def gather_offsets(self, offsets: Mapping[SourceKey, int], positions: Mapping[SourceKey, int],
-                       ids: Mapping[str, str]) -> tuple[dict[SourceKey, int], dict[SourceKey, int], dict[str, str]] | None:
+                       ids: Mapping[str, str]
+                       ) -> tuple[dict[SourceKey, int], dict[SourceKey, int], dict[str, str]] | None:
         """At the checkpoint barrier: on rank 0, per partition the lowest resume offset and the highest position
         over the ranks that hold it (every partition has one reader, so this is their union), and per topic the
         log (topic id) the ranks read; ranks that disagree (one noticed a lost log, another not yet) give

@@ -87,7 +87,8 @@ def open_source(cfg: StreamdConfig, metrics: TrainerMetrics, retention: Retentio
     src = KafkaActivationSource(
         cfg.kafka, topic, t.group_id, metrics,
         expected_site_id=site, d_in=d_in, queue_tokens=max(4 * t.batch_size, 65536),
-        start_offsets=resume.start_offsets, start_ids=resume.topic_ids, reread_below=resume.reread_below, pin_memory=device.type == "cuda",
+        start_offsets=resume.start_offsets, start_ids=resume.topic_ids, reread_below=resume.reread_below,
+        pin_memory=device.type == "cuda",
         torch_threads=t.torch_threads, retention=retention, share=share,
     )
     return src, site
