@@ -193,7 +193,7 @@ UP_DEFAULTS: dict[str, Any] = {
     "producer.max_lag_messages": 128,
     # the inspector beside them (bench/README.md, "Inside streamd up"): a small held-out sample, one inspection at
     # most every 20 minutes; measured on 2 cores, an inspection (~130 s) halves up's rate while it runs: ~9% of
-    # its tokens at 10 minutes, ~5% at 20
+    # its tokens at 10 minutes (about half that at 20: estimated, not measured)
     "inspect.tokens": 4096,
     "inspect.every_seconds": 1200,
 }
