@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,7 @@ from transformers import AutoTokenizer
 from streamd.config import FeedConfig, SiteSpec, SourceConfig, StreamdConfig
 from streamd.produce.provenance import decode_provenance
 from streamd.stream.kafka import make_consumer
-from tests.streamd_testing import write_config
+from tests.streamd_testing import topic_records, write_config
 
 WORDS = "light water earth seed voice stone river field morning bread house wind".split()
 TEXT_TOPIC = "texts"
@@ -209,21 +210,48 @@ def test_feeder_restart_skips_nothing_and_a_second_feeder_refuses(kafka_cfg, tmp
     finish({"feeder3": start("feed", cfg, tmp_path, "feeder3")}, tmp_path)
     assert f"document {resume_at} of its order" in log_of(tmp_path, "feeder3")
 
-    from kafka import TopicPartition
-
-    consumer = make_consumer(kafka_cfg, group_id=None)
-    parts = [TopicPartition(TEXT_TOPIC, p) for p in range(6)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    seen, idle = Counter(), 0
-    while idle < 4:
-        batch = consumer.poll(timeout_ms=500)
-        idle = 0 if batch else idle + 1
-        for recs in batch.values():
-            for r in recs:
-                seen[int(dict(r.headers)["streamd-doc"])] += 1
-    consumer.close()
+    seen = Counter(int(dict(r.headers)["streamd-doc"]) for r in topic_records(kafka_cfg, TEXT_TOPIC))
     assert set(seen) == set(range(n_docs)), f"skipped: {sorted(set(range(n_docs)) - set(seen))[:10]}"
     resent = [d for d, c in seen.items() if c > 1]
     assert all(d >= resume_at for d in resent)  # nothing acknowledged before the saved position is re-sent
     print(f"feeder restart: resumed at {resume_at}, {len(resent)} documents re-sent")
+
+
+def test_the_feeder_waits_for_the_producers_and_says_why_when_they_commit_nothing(kafka_cfg, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """feed.max_lag: with no producer committing, the feeder stops near max_lag documents, is counted as throttled,
+    and after a while without a commit says why it may wait (producers down, or max_lag below what they hold); a
+    commit by the producers' group lets it go on."""
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from streamd.produce import feed as feed_mod
+
+    monkeypatch.setattr(feed_mod, "STALL_WARN_SECONDS", 1.0)
+    corpus(tmp_path / "docs.txt", 5000)
+    feeder = feed_mod.Feeder(feed_cfg(kafka_cfg, tmp_path / "docs.txt", tmp_path, max_lag=40))
+    caplog.set_level("WARNING")
+    thread = threading.Thread(target=feeder.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while "are the producers running" not in caplog.text.lower():
+            assert time.monotonic() < deadline and thread.is_alive(), caplog.text[-2000:]
+            time.sleep(0.1)
+        held = feeder.fed
+        assert 40 <= held <= 2 * 40 + 1, held  # checked at least every max_lag documents
+        assert feeder.metrics.throttled.labels(topic=TEXT_TOPIC)._value.get() == 1
+        assert "feed.max_lag 40" in caplog.text
+        consumer = make_consumer(kafka_cfg, group_id=feeder.group)  # the producers' group commits everything
+        try:
+            parts = [TopicPartition(TEXT_TOPIC, p) for p in range(6)]
+            ends = consumer.end_offsets(parts)
+            consumer.commit({tp: OffsetAndMetadata(end + 64, "", -1) for tp, end in ends.items()})
+        finally:
+            consumer.close()
+        while feeder.fed <= held:
+            assert time.monotonic() < deadline, f"fed {feeder.fed} after the commit, {held} before"
+            time.sleep(0.1)
+    finally:
+        feeder.stop()
+        thread.join(30)

@@ -44,6 +44,7 @@ from streamd.stream.text_topic import DOC_HEADER, EPOCH_HEADER, FeederLock, Text
 log = logging.getLogger(__name__)
 
 CHECK_SECONDS = 0.5
+STALL_WARN_SECONDS = 60.0  # throttled this long with no commit from the producers: say why it may be
 """How often the feeder looks at its log (lost?) and at the producers' commits (what it re-feeds after a loss is
 what they committed since), and at their lag (also after every ``feed.max_lag`` documents)."""
 
@@ -130,6 +131,7 @@ class Feeder:
         """The log and the producers' commits, then (``feed.max_lag``) wait while they are too far behind. Returns
         (epoch, position) to feed again from when the broker lost the log. A broker that is away is waited for."""
         gauge = self.metrics.throttled.labels(topic=self.topic)
+        stalled_since, seen = time.monotonic(), None
         while not self.stop_event.is_set():
             try:
                 if text_log.renewed(producer):
@@ -155,6 +157,16 @@ class Feeder:
                 gauge.set(0)
                 return None
             gauge.set(1)
+            if committed != seen:
+                stalled_since, seen = time.monotonic(), committed
+            elif time.monotonic() - stalled_since > STALL_WARN_SECONDS:
+                # still waiting: the producers may be down, or idle holding documents they cannot build yet
+                log.warning("%d documents of text topic %s are not committed by group %s and none was for %d s; "
+                            "waiting (feed.max_lag %d). Are the producers running? Each holds up to 64 documents "
+                            "ahead for its tokenizer plus a partial batch of windows until more text comes: "
+                            "feed.max_lag must be above that times the producers", lag, self.topic, self.group,
+                            STALL_WARN_SECONDS, self.fcfg.max_lag)
+                stalled_since = time.monotonic()
             self.stop_event.wait(CHECK_SECONDS)
         return None
 
