@@ -73,32 +73,41 @@ def trace_counts(path: Path, upto_tokens: int | None = None) -> Counter:
     return out
 
 
-def topic_messages(kafka: KafkaConfig, topic: str | None = None) -> dict[tuple[str, int, int], tuple[str, int, int]]:
-    """Every valid activation message in the topic: (topic, partition, offset) -> (producer id, seq, n_tokens)."""
+def topic_records(kafka: KafkaConfig, topic: str, *, to_end: bool = False, idle_polls: int = 4,
+                  poll_ms: int = 500) -> list:
+    """The records of ``topic`` from the start of each partition, read until ``idle_polls`` polls in a row return
+    nothing; with ``to_end``, stop as soon as every partition reached its end offset at the start (a topic still
+    written to; Tansu's end offset may be below the last batch, so a finished topic is read with ``to_end`` False)."""
     from kafka import TopicPartition
 
     from streamd.stream.kafka import make_consumer
 
-    topic = topic or kafka.topic
     consumer = make_consumer(kafka, group_id=None)
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
-        out, idle = {}, 0
-        while idle < 5:
-            batch = consumer.poll(timeout_ms=500)
+        ends = consumer.end_offsets(parts) if to_end else {}
+        out, idle = [], 0
+        while idle < idle_polls and not (to_end and all(consumer.position(tp) >= end for tp, end in ends.items())):
+            batch = consumer.poll(timeout_ms=poll_ms)
             idle = 0 if batch else idle + 1
-            for tp, recs in batch.items():
-                for r in recs:
-                    try:
-                        m = wire.decode(r.value)
-                    except wire.WireError:
-                        continue
-                    out[(tp.topic, tp.partition, r.offset)] = (m.producer_id, m.seq, m.n_tokens)
+            out += [r for recs in batch.values() for r in recs]
         return out
     finally:
         consumer.close()
+
+
+def topic_messages(kafka: KafkaConfig, topic: str | None = None) -> dict[tuple[str, int, int], tuple[str, int, int]]:
+    """Every valid activation message in the topic: (topic, partition, offset) -> (producer id, seq, n_tokens)."""
+    out = {}
+    for r in topic_records(kafka, topic or kafka.topic, idle_polls=5):
+        try:
+            m = wire.decode(r.value)
+        except wire.WireError:
+            continue
+        out[(r.topic, r.partition, r.offset)] = (m.producer_id, m.seq, m.n_tokens)
+    return out
 
 
 def consume_all(kafka: KafkaConfig, group: str, n_messages: int, timeout: float = 60) -> dict[tuple[str, int], int]:

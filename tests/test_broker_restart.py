@@ -15,7 +15,6 @@ import threading
 import time
 
 import pytest
-from kafka import TopicPartition
 
 from streamd import wire
 from streamd.config import SiteSpec, SourceConfig
@@ -28,7 +27,7 @@ from streamd.run.checkpoints import CheckpointStore
 from streamd.stream.kafka import ensure_topic, make_admin, make_consumer
 from streamd.train.kafka_source import KafkaActivationSource
 from streamd.train.trainer import Trainer
-from tests.streamd_testing import SITE_ID, publish, random_acts, trainer_config
+from tests.streamd_testing import SITE_ID, publish, random_acts, topic_records, trainer_config
 from tests.test_text_stream import TEXT_TOPIC, corpus, feed_cfg, producer_cfg
 
 
@@ -41,25 +40,6 @@ def _partitions(kafka, topic: str) -> int:
         admin.close()
 
 
-def _records(kafka, topic: str, *, written: bool = False) -> list:
-    """The records of ``topic`` from the start of each partition: up to (at least) its end offset now, or with
-    ``written`` (nobody writes to it any more) all of them (Tansu's end offset may be below the last batch)."""
-    consumer = make_consumer(kafka, group_id=None)
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        ends = consumer.end_offsets(parts)
-        out, idle = [], 0
-        while idle < 3 and (written or any(consumer.position(tp) < end for tp, end in ends.items())):
-            batch = consumer.poll(timeout_ms=400)
-            idle = 0 if batch else idle + 1
-            out += [r for recs in batch.values() for r in recs]
-        return out
-    finally:
-        consumer.close()
-
-
 def _doc(record) -> int:
     return int(dict(record.headers)["streamd-doc"])
 
@@ -67,7 +47,8 @@ def _doc(record) -> int:
 def _first_unfinished(kafka, group: str) -> int | None:
     """The first document (in feed order) of the text topic that ``group`` has not committed, as far as a look at
     the topic and then at the group's offsets shows (None: every document read is committed)."""
-    texts = {(r.partition, r.offset): _doc(r) for r in _records(kafka, TEXT_TOPIC)}
+    records = topic_records(kafka, TEXT_TOPIC, to_end=True, idle_polls=3, poll_ms=400)
+    texts = {(r.partition, r.offset): _doc(r) for r in records}
     admin = make_admin(kafka)
     try:
         committed = {tp.partition: om.offset for tp, om in admin.list_group_offsets({group: None})[group].items()}
@@ -82,7 +63,8 @@ def _first_unfinished(kafka, group: str) -> int | None:
 
 def _published_docs(kafka) -> set[int]:
     """Document ids in the provenance of every activation message of the activation topic now."""
-    return {doc for r in _records(kafka, kafka.topic) for _, _, doc, _, _ in decode_provenance(r.headers)}
+    records = topic_records(kafka, kafka.topic, to_end=True, idle_polls=3, poll_ms=400)
+    return {doc for r in records for _, _, doc, _, _ in decode_provenance(r.headers)}
 
 
 def _start_thread(target) -> tuple[threading.Thread, list]:
@@ -153,7 +135,7 @@ def test_the_text_stream_survives_a_memory_broker_restart(broker, tiny_llama_dir
     assert unfinished is None or start <= unfinished  # nothing the producers had not finished is skipped
     # the new text log: every document from the restart point on, at least once (what was in flight when the
     # broker died is sent on into the new log and may be fed again)
-    new_texts = sorted(_doc(r) for r in _records(kafka, TEXT_TOPIC, written=True))
+    new_texts = sorted(_doc(r) for r in topic_records(kafka, TEXT_TOPIC, idle_polls=3, poll_ms=400))
     assert new_texts[0] == start and set(new_texts) == set(range(start, new_texts[-1] + 1))
     assert feeder.metrics.lost_logs.labels(topic=TEXT_TOPIC)._value.get() == 1
     assert producer.metrics.text_lost_logs.labels(producer="p0")._value.get() == 1

@@ -215,27 +215,6 @@ def broker_restart() -> Row:
 
 # --- broker_restart_text ---------------------------------------------------------------------------------------
 
-def _text_records(kafka, topic: str) -> list:
-    """Every record of ``topic`` (nobody writes to it any more)."""
-    from kafka import TopicPartition
-
-    from streamd.stream.kafka import make_consumer
-
-    consumer = make_consumer(kafka, group_id=None)
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        out, idle = [], 0
-        while idle < 4:
-            batch = consumer.poll(timeout_ms=500)
-            idle = 0 if batch else idle + 1
-            out += [r for recs in batch.values() for r in recs]
-        return out
-    finally:
-        consumer.close()
-
-
 def broker_restart_text() -> Row:
     """A memory broker restarted under feeder + producer + trainer: the feeder feeds again from what the producer
     had not committed, the producer reads the new text log, the trainer goes on. Lost: documents of the new text
@@ -243,6 +222,7 @@ def broker_restart_text() -> Row:
     from streamd.config import FeedConfig, SourceConfig
     from streamd.produce.feed import Feeder
     from streamd.produce.provenance import decode_provenance
+    from tests.streamd_testing import topic_records
 
     with tempfile.TemporaryDirectory(prefix="drill-restart-text-") as d:
         tmp = Path(d)
@@ -268,13 +248,13 @@ def broker_restart_text() -> Row:
             time.sleep(20)
             feeder.stop()
             runs[2][0].join(60)
-            texts = {int(dict(r.headers)["streamd-doc"]) for r in _text_records(kafka, "texts")}
+            texts = {int(dict(r.headers)["streamd-doc"]) for r in topic_records(kafka, "texts")}
             refed = int(feeder.metrics.documents_refed.labels(topic="texts")._value.get())
             # the last documents wait for more text to fill their window: every one up to 300 before the end
             wanted = {t for t in texts if t < max(texts, default=0) - 300}
 
             def published() -> set[int]:
-                return {doc for r in _text_records(kafka, "drill") for _, _, doc, _, _ in
+                return {doc for r in topic_records(kafka, "drill") for _, _, doc, _, _ in
                         decode_provenance(r.headers)}
 
             try:
