@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -84,7 +85,12 @@ def topic_records(kafka: KafkaConfig, topic: str, *, to_end: bool = False, idle_
 
     consumer = make_consumer(kafka, group_id=None)
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        deadline = time.monotonic() + 10  # a new client may not know the topic's partitions yet
+        while not (known := consumer.partitions_for_topic(topic)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not known:
+            return []
+        parts = [TopicPartition(topic, p) for p in sorted(known)]
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         ends = consumer.end_offsets(parts) if to_end else {}

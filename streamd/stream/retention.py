@@ -3,7 +3,7 @@
 Two strategies behind one interface, chosen from the config in one place (``retention_for``):
 
 - ``BrokerRetention``: the broker's own retention (Kafka's time/size limits) bounds the log. Producers write to the
-  configured topic, the trainer follows it through a group subscription, and nothing is ever released.
+  configured topic, the trainer reads all its partitions, and nothing is ever released.
 - ``GenerationRetention`` (``kafka.generation_seconds``), for brokers without retention (Tansu keeps every record):
   producers write to ``TOPIC.gNNNNNNNNNN``, a new topic every ``generation_seconds`` (aligned across producers by
   wall-clock time); the trainer follows every generation and, once a checkpoint is durable, releases (deletes) the
@@ -48,8 +48,8 @@ class Retention:
     """
 
     rotates = False
-    """Whether the topics to follow change while running: then the reader assigns ``topics_to_follow`` itself
-    (a group subscription would pause for a rebalance at every new topic) instead of subscribing to the base."""
+    """Whether the topics to follow change while running: then the reader assigns the partitions of every topic
+    of ``topics_to_follow``, not only those of the base topic."""
 
     def __init__(self, kafka: KafkaConfig, group_id: str | None = None) -> None:
         self.kafka = kafka

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 import torch
 from kafka import OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from streamd import wire
 from streamd.config import KafkaConfig
@@ -32,8 +31,12 @@ FOLLOW_CHECK_SECONDS = 3.0
 
 
 class KafkaActivationSource:
-    """Consumes the activation topic in a consumer group on a background thread (kafka-python is not thread-safe,
-    so every consumer call, commits included, happens on that thread)."""
+    """Reads the activation topic on a background thread (kafka-python is not thread-safe, so every consumer call,
+    commits included, happens on that thread) and commits to the run's consumer group.
+
+    Partitions are assigned directly, never through a group subscription: one trainer (or one rank's share) reads
+    its partitions whole, so membership buys nothing, a rebalance pauses reading, and a restarted memory broker
+    (Tansu) kept a re-joining member in a rebalance for minutes (the broker-restart drill)."""
 
     def __init__(
         self,
@@ -54,7 +57,8 @@ class KafkaActivationSource:
         share: tuple[int, int] | None = None,
     ) -> None:
         self.kafka, self.topic, self.group_id, self.metrics = kafka, topic, group_id, metrics
-        self.share = share  # data-parallel (rank, world size): read only this rank's partitions, assigned directly
+        # (rank, world size): this rank's partitions, assigned directly; one trainer, (0, 1), reads them all
+        self.share = share or (0, 1)
         self.retention = retention or retention_for(kafka, group_id)
         metrics.consumer_group.labels(group=group_id).set(1)
         self.expected_site_id, self.d_in = expected_site_id, d_in
@@ -112,10 +116,6 @@ class KafkaActivationSource:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def place_later(self, parts) -> None:
-        """Partitions just assigned (and paused) by the group: the consumer thread places them before reading."""
-        self._fresh |= set(parts)
-
     # --- consumer thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -124,14 +124,12 @@ class KafkaActivationSource:
         try:
             consumer = make_consumer(self.kafka, group_id=self.group_id)
             try:
-                if not (self.retention.rotates or self.share):
-                    consumer.subscribe([self.topic], listener=_Rebalance(self, consumer))
                 while not self._stop.is_set():
                     polled: dict = {}
                     try:
                         if self.retention.rotates:
                             consumer = self._follow(consumer)
-                        elif self.share:
+                        else:
                             self._assign_share(consumer)
                         self._maybe_commit(consumer)
                         consumer = self._check_broker(consumer)
@@ -224,12 +222,12 @@ class KafkaActivationSource:
             return consumer
         self._lag_at = time.monotonic()
         parts = consumer.assignment()
-        # a subscription is watched even while nothing is assigned (the topic is gone, or the group rebalances)
+        # the topic is watched even while nothing is assigned (it is gone, or its metadata not yet known)
         watched = {tp.topic for tp in parts} if self.retention.rotates else {self.topic}
         ids = topic_ids(consumer, watched)
         recreated = self._identity.changed(ids)
         if recreated and not self.retention.rotates:
-            return self._rejoin(consumer, recreated, ids)
+            return self._reopen(consumer, recreated, ids)
         if not parts:
             return consumer
         ends = {(tp.topic, tp.partition): end for tp, end in consumer.end_offsets(list(parts)).items()}
@@ -264,20 +262,16 @@ class KafkaActivationSource:
                 self._positions[(topic, part)] = self._placed[(topic, part)] = 0
         self._committed_parts -= set(keys)  # their commits went with the log: judged again once re-committed
 
-    def _rejoin(self, consumer, topics: set[str], ids: Mapping[str, str | None]):
-        """The topic read was created again (a memory broker restarted): every partition of it starts over
-        at the new log's start, read by a new group member. The old member must go: a restarted Tansu answers its
-        SyncGroup with the assignment of an earlier generation (empty, if the topic was missing then), and the
-        group lost its state anyway. Returns the new consumer."""
+    def _reopen(self, consumer, topics: set[str], ids: Mapping[str, str | None]):
+        """The topic read was created again (a memory broker restarted): every partition of it starts over at the
+        new log's start, read by a new consumer (the old one holds fetch positions and leader epochs of the lost
+        log). Returns the new consumer."""
         keys = sorted(k for k in self.positions() if k[0] in topics)
         self._start_over(keys, topics, {}, ids)
         self._fresh = {tp for tp in self._fresh if tp.topic not in topics}
         consumer.close(autocommit=False)
         consumer = self._new_consumer()
-        if self.share:  # data-parallel: no membership; this rank's partitions are assigned again at the next round
-            self._follow_at = 0.0
-        else:
-            consumer.subscribe([self.topic], listener=_Rebalance(self, consumer))
+        self._follow_at = 0.0  # the partitions are assigned again at the next round
         return consumer
 
     def _follow(self, consumer):
@@ -312,12 +306,12 @@ class KafkaActivationSource:
         return consumer
 
     def _mine(self, partition: int) -> bool:
-        return self.share is None or partition_share(partition, *self.share)
+        return partition_share(partition, *self.share)
 
     def _assign_share(self, consumer) -> None:
-        """Data-parallel: assign this rank's partitions of the topic (checked every few seconds, so partitions
-        added later are read too). No group subscription: a rebalance would move partitions between ranks while
-        their tokens sit in another rank's buffer (read twice); commits still go to the group."""
+        """Assign this rank's partitions of the topic (all of them for one trainer), checked every few seconds so
+        partitions added later are read too. Data-parallel ranks could not use a subscription anyway: a rebalance
+        would move partitions between ranks while their tokens sit in another rank's buffer (read twice)."""
         if time.monotonic() - self._follow_at < FOLLOW_CHECK_SECONDS:
             return
         known = consumer.partitions_for_topic(self.topic)
@@ -328,7 +322,8 @@ class KafkaActivationSource:
         if parts - current:
             consumer.assign(sorted(parts | current))
             self._fresh |= parts - current
-            log.info("rank %d of %d reads partitions %s", *self.share, sorted(tp.partition for tp in parts))
+            log.info("rank %d of %d reads partitions %s of %s", *self.share, sorted(tp.partition for tp in parts),
+                     self.topic)
 
     def _drop(self, consumer, topics: set[str]):
         """Stop reading released topics, then let the strategy delete them, with a new consumer: kafka-python keeps
@@ -365,9 +360,9 @@ class KafkaActivationSource:
                     raise
 
     def _position_assigned(self, consumer) -> set[TopicPartition]:
-        """Place newly assigned partitions (paused by the listener): checkpoint offsets win over the group's
-        committed ones; an offset past the log end (a broker that lost its data) falls back to the earliest with a
-        metric and a log line. Runs outside the listener: kafka-python 3 forbids blocking calls inside it."""
+        """Place newly assigned partitions (records fetched before the seek are dropped by the caller): checkpoint
+        offsets win over the group's committed ones; an offset past the log end (a broker that lost its data) falls
+        back to the earliest with a metric and a log line."""
         fresh, self._fresh = self._fresh, set()
         if not fresh:
             return fresh
@@ -432,19 +427,3 @@ class _Reject(Exception):
     def __init__(self, reason: str, text: str) -> None:
         super().__init__(text)
         self.reason = reason
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    """Pauses newly assigned partitions until the consumer thread has placed them (see ``_position_assigned``)."""
-
-    def __init__(self, source: KafkaActivationSource, consumer) -> None:
-        self.source, self.consumer = source, consumer
-
-    def on_partitions_revoked(self, revoked) -> None:
-        log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
-
-    def on_partitions_assigned(self, assigned) -> None:
-        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
-        if assigned:
-            self.consumer.pause(*assigned)
-            self.source.place_later(assigned)
