@@ -90,7 +90,9 @@ def _wait(cond, timeout: float, what) -> None:
 
 
 # Not in CI (about a minute; CI is near its 20-minute limit): `pytest -m drill tests/test_broker_restart.py` runs
-# it, as the broker_restart_text drill. It failed 2 of 4 while the trainer subscribed to the group; 7 of 7 since.
+# it, as the broker_restart_text drill. While the trainer subscribed to its group, 3 of 7 runs failed (2 with the
+# trainer held in a rebalance); with direct assignment 6 of 7 passed, the failure in the old topic reader (fixed),
+# then 4 of 4.
 @pytest.mark.drill
 def test_the_text_stream_survives_a_memory_broker_restart(broker, tiny_llama_dir, tmp_path, caplog):
     """Feeder, producer and trainer under one memory-broker restart: nothing hangs or stalls; the feeder feeds

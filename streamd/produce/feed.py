@@ -44,9 +44,9 @@ from streamd.stream.text_topic import DOC_HEADER, EPOCH_HEADER, FeederLock, Text
 log = logging.getLogger(__name__)
 
 CHECK_SECONDS = 0.5
-STALL_WARN_SECONDS = 60.0  # throttled this long with no commit from the producers: say why it may be
 """How often the feeder looks at its log (lost?) and at the producers' commits (what it re-feeds after a loss is
 what they committed since), and at their lag (also after every ``feed.max_lag`` documents)."""
+STALL_WARN_SECONDS = 60.0  # throttled this long with no commit from the producers: say why it may be
 
 
 def held_out(text: str, fraction: float) -> bool:
